@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that wire the request path's steps together."""
