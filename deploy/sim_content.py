@@ -29,6 +29,7 @@ message:
 | self_harm     | suicide, self-harm, self harm, hurt myself, kill myself               |
 
 Scores are 0.97 for a flagged category and 0.01 otherwise; ``flagged`` is any category flagged.
+Categories are independent: "kill myself" flags self_harm and, through "kill", physical_harm.
 """
 
 from __future__ import annotations

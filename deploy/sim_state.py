@@ -70,6 +70,8 @@ class SimState:
         self.generation_tokens_total = 0
 
     def stats(self) -> dict[str, int]:
+        """received: authorised chat requests (valid or not); completed: answered with 200 and,
+        for streams, sent to the end; failed: injected failures."""
         return {"received": self.received, "running": self.running, "waiting": self.waiting,
                 "completed": self.completed, "failed": self.failed}
 
