@@ -71,13 +71,15 @@ class LocalLauncher:
 
     def __init__(self, state_dir: Path | None = None, engine: Engine = "sim",
                  host: str = "127.0.0.1", port: int | None = None,
-                 python: str = sys.executable, sim_args: tuple[str, ...] = ()) -> None:
+                 python: str = sys.executable, sim_args: tuple[str, ...] = (),
+                 model_path: str | None = None) -> None:
         self.state_dir = state_dir or default_state_dir()
         self.engine: Engine = engine
         self.host = host
         self.port = port
         self.python = python
         self.sim_args = sim_args
+        self.model_path = model_path  # weights for engine "vllm" (a dir or a hub id)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     # state file --------------------------------------------------------------------------
@@ -112,12 +114,17 @@ class LocalLauncher:
                  ) -> tuple[list[str], dict[str, str]]:
         env = {k: v for k, v in os.environ.items() if k != "PLATEFORME_SIM_API_KEY"}
         if self.engine == "vllm":
-            from deploy.vllm_local import build_command  # lazily: only with --engine vllm
+            # Lazily: only with --engine vllm. Without --model-path, the tiny CI Mixtral.
+            from deploy.vllm_local import VllmLocalError, build_command, tiny_model_path
 
-            command, extra_env = build_command(spec.envs, port)
+            envs = {**spec.envs, **({API_KEY_SECRET: api_key} if api_key else {})}
+            try:
+                model_path = self.model_path or str(tiny_model_path())
+                command, extra_env = build_command(envs, port, model_path=model_path,
+                                                   host=self.host)
+            except VllmLocalError as exc:
+                raise LaunchError(str(exc)) from exc
             env.update(extra_env)
-            if api_key:
-                env[API_KEY_SECRET] = api_key
             return list(command), env
         command = [self.python, "-m", "deploy.sim", "--port", str(port), "--host", self.host,
                    "--model", spec.model_id or spec.tier, *self.sim_args]
