@@ -135,6 +135,7 @@ class ServerConfig(_Strict):
     body_timeout_seconds: float = Field(30.0, gt=0)  # whole request body must arrive by then
     connect_timeout_seconds: float = Field(3.0, gt=0)
     read_timeout_seconds: float = Field(60.0, gt=0)  # max silence between upstream chunks
+    request_timeout_seconds: float = Field(600.0, gt=0)  # a whole non-streaming completion
     drain_timeout_seconds: float = Field(30.0, ge=0)
     key_cache_seconds: float = Field(30.0, ge=0)  # verified keys; invalidated by version poll
     key_version_poll_seconds: float = Field(0.25, gt=0)

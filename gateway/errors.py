@@ -6,6 +6,7 @@
     ├── AuthenticationFailed  401 authentication_error
     ├── PermissionDenied      403 permission_error
     ├── NotFound              404 not_found_error
+    ├── RequestTimeout        408 invalid_request_error (the body did not arrive in time)
     ├── PayloadTooLarge       413 invalid_request_error
     ├── Unprocessable         422 invalid_request_error
     ├── RateLimited           429 rate_limit_error  (carries Retry-After and the limit kind)
@@ -81,6 +82,12 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_body_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -98,10 +105,11 @@ class RateLimited(GatewayError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, limit_kind: str, retry_after_seconds: float,
+    def __init__(self, message: str, *, limit_kind: str, retry_after_seconds: float | None,
                  headers: dict[str, str] | None = None, code: str | None = None) -> None:
         merged = dict(headers or {})
-        merged["retry-after"] = str(max(1, int(retry_after_seconds + 0.999)))
+        if retry_after_seconds is not None:  # None: the request can never be admitted
+            merged["retry-after"] = str(max(1, int(retry_after_seconds + 0.999)))
         super().__init__(message, code=code, headers=merged)
         self.limit_kind = limit_kind
         self.retry_after_seconds = retry_after_seconds

@@ -101,14 +101,16 @@ local allowed = kind == 0
 if allowed then
   if windowed then
     redis.call('ZADD', KEYS[1], now, lease)
-    redis.call('HSET', KEYS[2], lease, tokens)
-    redis.call('HINCRBY', KEYS[2], '#sum', tokens)
     redis.call('PEXPIRE', KEYS[1], (WINDOW + 1) * 1000)
-    redis.call('PEXPIRE', KEYS[2], (WINDOW + 1) * 1000)
+    if tpm >= 0 then  -- token entries matter only under a tokens limit
+      redis.call('HSET', KEYS[2], lease, tokens)
+      redis.call('HINCRBY', KEYS[2], '#sum', tokens)
+      redis.call('PEXPIRE', KEYS[2], (WINDOW + 1) * 1000)
+    end
   end
   redis.call('ZADD', KEYS[3], now + lease_s, lease)
-  local ttl_ms = math.ceil(lease_s * 1000) + 1000
-  if redis.call('PTTL', KEYS[3]) < ttl_ms then redis.call('PEXPIRE', KEYS[3], ttl_ms) end
+  -- lease_seconds is one gateway-wide setting, so the newest lease expires last
+  redis.call('PEXPIRE', KEYS[3], math.ceil(lease_s * 1000) + 1000)
   redis.call('HINCRBY', KEYS[4], month_field, tokens)
   count, tsum = count + 1, tsum + tokens
 end

@@ -36,6 +36,7 @@ from gateway.store.base import (
     MUTABLE_KEY_FIELDS, Admission, Decision, KeyRecord, LimitKind, Replica, Settlement, UsageRow,
 )
 from gateway.store.memory import utc_day, utc_month
+from gateway.store.redis_batch import ScriptBatcher
 
 DEFAULT_PREFIX = "plateforme:"
 MAX_CONNECTIONS = 64
@@ -86,6 +87,7 @@ class RedisStore:
         self._admit = self._redis.register_script(_lua("admit.lua"))
         self._settle = self._redis.register_script(_lua("settle.lua"))
         self._create = self._redis.register_script(_CREATE_KEY)
+        self._batch = ScriptBatcher(self._redis)
         self._keys = prefix + "keys"
         self._version = prefix + "keys:version"
         self._replicas = prefix + "replicas"
@@ -184,11 +186,11 @@ class RedisStore:
     async def admit(self, admission: Admission) -> Decision:
         lim = admission.limits
         async with _guard("admit"):
-            out = await self._admit(
-                keys=self._limit_keys(admission.key_id),
-                args=[admission.lease_id, admission.tokens, admission.lease_seconds,
-                      _limit(lim.rpm), _limit(lim.tpm), _limit(lim.max_concurrent),
-                      _limit(lim.monthly_tokens)])
+            out = await self._batch.call(
+                self._admit, self._limit_keys(admission.key_id),
+                [admission.lease_id, admission.tokens, admission.lease_seconds,
+                 _limit(lim.rpm), _limit(lim.tpm), _limit(lim.max_concurrent),
+                 _limit(lim.monthly_tokens)])
         kind, retry_us, req_left, req_reset_us, tok_left, tok_reset_us, now_us = out
         return Decision(
             allowed=kind == 0, limit_kind=_KINDS[kind],
@@ -204,11 +206,12 @@ class RedisStore:
         day = utc_day(s.admitted_at)
         used = s.prompt_tokens + s.completion_tokens + s.guardrail_tokens
         async with _guard("settle"):
-            await self._settle(
-                keys=[*self._limit_keys(s.key_id), f"{self.prefix}usage:{day}", self._days],
-                args=[s.lease_id, utc_month(s.admitted_at), s.reserved_tokens, used,
-                      f"{s.key_id}\t{s.model}\t", day, s.requests, s.prompt_tokens,
-                      s.completion_tokens, s.guardrail_tokens, s.errors])
+            await self._batch.call(
+                self._settle,
+                [*self._limit_keys(s.key_id), f"{self.prefix}usage:{day}", self._days],
+                [s.lease_id, utc_month(s.admitted_at), s.reserved_tokens, used,
+                 f"{s.key_id}\t{s.model}\t", day, s.requests, s.prompt_tokens,
+                 s.completion_tokens, s.guardrail_tokens, s.errors])
 
     async def usage(self, key_id: str | None = None, since: str | None = None) -> list[UsageRow]:
         async with _guard("usage"):

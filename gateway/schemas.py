@@ -1,0 +1,108 @@
+"""Wire models: validation of what users send. Bodies are validated, then forwarded as the
+caller's own dict (never re-serialised through pydantic), so unknown vLLM/OpenAI parameters
+pass through untouched."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+MAX_MESSAGES = 4096
+MAX_N = 8
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Role
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions: OpenAI's fields with Mistral's extensions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=10_000_000)
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    random_seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    safe_prompt: bool | None = None
+    user: str | None = Field(None, max_length=512)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _seeds_agree(self) -> ChatRequest:
+        if self.random_seed is not None and self.seed is not None \
+                and self.random_seed != self.seed:
+            raise ValueError("random_seed and seed are both set and differ; send one of them")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
+        return self
+
+    def wants_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class ModerationRequest(BaseModel):
+    """POST /v1/moderations (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = Field(None, max_length=256)
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=256)
+    plan: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(None, max_length=256)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    max_concurrent: int | None = Field(None, ge=0)
+    monthly_tokens: int | None = Field(None, ge=0)
+    models: list[str] | None = None
+    moderation: Literal["optional", "always", "never"] | None = None
+    input_moderation: bool | None = None
+    expires_at: float | None = Field(None, gt=0)  # Unix seconds
+    expires_in: float | None = Field(None, gt=0)  # seconds from now; or expires_at
+
+
+class KeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str | None = Field(None, min_length=1, max_length=256)
+    plan: str | None = Field(None, min_length=1, max_length=128)
+    name: str | None = Field(None, max_length=256)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    max_concurrent: int | None = Field(None, ge=0)
+    monthly_tokens: int | None = Field(None, ge=0)
+    models: list[str] | None = None
+    moderation: Literal["optional", "always", "never"] | None = None
+    input_moderation: bool | None = None
+    expires_at: float | None = Field(None, gt=0)
+
+
+class ReplicaRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
