@@ -40,7 +40,7 @@ from deploy.sim_state import RUNTIME_FIELDS, SimState, error_response, metrics_t
 
 DEFAULT_MODEL: Final = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 SIMULATOR_HEADER: Final = (b"x-plateforme-simulator", b"1")
-GRACEFUL_SHUTDOWN_SECONDS: Final = 2
+GRACEFUL_SHUTDOWN_SECONDS: Final = 1  # hung requests must not hold Ctrl-C
 
 
 @dataclass(frozen=True)
