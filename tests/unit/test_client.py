@@ -1,4 +1,4 @@
-"""The synchronous `Client` over `httpx.MockTransport`: requests, parsing, errors, retries, streams."""
+"""The synchronous `Client` over `httpx.MockTransport`: requests, parsing, errors, retries."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from plateforme_client import (
     APIConnectionError,
     APIError,
@@ -27,6 +26,7 @@ from plateforme_client import (
     ServerError,
     __version__,
 )
+
 from tests.unit.test_client_fakes import (
     BASE,
     KEY,
@@ -95,9 +95,10 @@ def test_unknown_fields_from_a_newer_gateway_are_kept_not_rejected() -> None:
 
 
 def test_chat_refuses_stream_argument() -> None:
-    with make_client(ScriptedServer(httpx.Response(200, json=completion()))) as client:
-        with pytest.raises(TypeError, match="chat_stream"):
-            client.chat("small", USER, stream=True)
+    server = ScriptedServer(httpx.Response(200, json=completion()))
+    with make_client(server) as client, pytest.raises(TypeError, match="chat_stream"):
+        client.chat("small", USER, stream=True)
+    assert server.requests == []
 
 
 def test_list_models_and_moderate() -> None:
@@ -257,9 +258,8 @@ def test_retries_connection_errors_then_succeeds_with_the_same_request() -> None
 def test_gives_up_after_max_retries() -> None:
     server = ScriptedServer(httpx.ConnectError("refused"))
     fake = FakeTime()
-    with make_client(server, fake, max_retries=2) as client:
-        with pytest.raises(APIConnectionError):
-            client.chat("small", USER)
+    with make_client(server, fake, max_retries=2) as client, pytest.raises(APIConnectionError):
+        client.chat("small", USER)
     assert len(server.requests) == 3 and len(fake.sleeps) == 2
 
 
@@ -338,9 +338,8 @@ def test_stream_retries_before_the_first_chunk() -> None:
     server = ScriptedServer(error(502, "bad upstream"), broken_stream(b"", asynchronous=False),
                             sse_response(sse(*stream_chunks())))
     fake = FakeTime()
-    with make_client(server, fake) as client:
-        with client.chat_stream("small", USER) as stream:
-            text = "".join(c.choices[0].delta.content or "" for c in stream)
+    with make_client(server, fake) as client, client.chat_stream("small", USER) as stream:
+        text = "".join(c.choices[0].delta.content or "" for c in stream)
     assert text == "Hello" and len(server.requests) == 3 and len(fake.sleeps) == 2
     assert server.bodies()[0] == server.bodies()[2]
 
@@ -351,10 +350,10 @@ def test_no_retry_after_the_first_chunk() -> None:
                             sse_response(sse(*stream_chunks())))
     fake = FakeTime()
     seen = []
-    with make_client(server, fake) as client:
-        with pytest.raises(APIConnectionError, match="mid-stream"):
-            for c in client.chat_stream("small", USER):
-                seen.append(c.choices[0].delta.content)
+    with make_client(server, fake) as client, \
+            pytest.raises(APIConnectionError, match="mid-stream"):
+        for c in client.chat_stream("small", USER):
+            seen.append(c.choices[0].delta.content)
     assert seen == ["Hel"] and len(server.requests) == 1 and fake.sleeps == []
 
 

@@ -6,7 +6,6 @@ import json
 
 import httpx
 import pytest
-
 from plateforme_client import (
     APIConnectionError,
     APIError,
@@ -19,6 +18,7 @@ from plateforme_client import (
     ServerError,
     __version__,
 )
+
 from tests.unit.test_client_fakes import (
     BASE,
     KEY,
@@ -113,9 +113,8 @@ async def test_chat_stream_is_an_async_iterator_not_a_coroutine() -> None:
 async def test_stream_retries_before_first_chunk_only() -> None:
     server = ScriptedServer(error(503, "no replica"), sse_response(sse(*stream_chunks())))
     fake = FakeTime()
-    async with make_client(server, fake) as client:
-        async with client.chat_stream("small", USER) as stream:
-            chunks = [c async for c in stream]
+    async with make_client(server, fake) as client, client.chat_stream("small", USER) as stream:
+        chunks = [c async for c in stream]
     assert len(chunks) == 3 and len(server.requests) == 2 and len(fake.sleeps) == 1
 
 

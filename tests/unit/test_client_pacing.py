@@ -9,12 +9,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from plateforme_client import AsyncClient, Client, Pacer, RateLimit
+from plateforme_client import (
+    APIConnectionError,
+    APIError,
+    AsyncClient,
+    BadRequestError,
+    Client,
+    Pacer,
+    RateLimit,
+    ServerError,
+)
 from plateforme_client._ratelimit import parse_duration
 from plateforme_client._retry import RetryPolicy, parse_retry_after
 from plateforme_client._sse import SSEDecoder
-from plateforme_client import APIConnectionError, APIError, BadRequestError, ServerError
+
 from tests.unit.test_client_fakes import BASE, KEY, FakeTime, ScriptedServer, WindowLimiter
 
 USER = [{"role": "user", "content": "Hi"}]
@@ -133,10 +141,10 @@ def test_parse_retry_after() -> None:
 
 
 def test_retry_policy_decisions() -> None:
-    policy = RetryPolicy(max_retries=5, random=lambda: 1.0)
+    policy = RetryPolicy(max_retries=5, jitter=lambda: 1.0)
     connection = APIConnectionError("x")
     assert [policy.delay(connection, n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, None]
-    assert RetryPolicy(max_retries=9, random=lambda: 1.0).delay(connection, 8) == 8.0  # cap
+    assert RetryPolicy(max_retries=9, jitter=lambda: 1.0).delay(connection, 8) == 8.0  # cap
     busy = ServerError("busy", status=503, retry_after=3.0)
     assert policy.delay(busy, 0) == 3.0  # Retry-After larger than the backoff wins
     assert policy.delay(ServerError("x", status=500), 0) is None

@@ -32,7 +32,7 @@ from ._retry import RetryPolicy, parse_retry_after
 from ._sse import DONE, SSEDecoder
 from ._version import __version__
 
-__all__ = ["BaseClient", "RequestSpec", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES"]
+__all__ = ["DEFAULT_MAX_RETRIES", "DEFAULT_TIMEOUT", "BaseClient", "RequestSpec"]
 
 ENV_API_KEY = "PLATEFORME_API_KEY"
 ENV_BASE_URL = "PLATEFORME_URL"

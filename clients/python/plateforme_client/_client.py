@@ -23,14 +23,14 @@ from ._base import (
     translate_transport_errors,
 )
 from ._exceptions import PlateformeError
-from ._models import ChatCompletion, ChatCompletionChunk, ChatMessage, ModelList, \
-    ModerationResponse
+from ._models import ChatCompletion, ChatCompletionChunk, ChatMessage, ModelList, ModerationResponse
 from ._sse import SSEDecoder
 from ._streaming import Stream, SyncOpened
 
 __all__ = ["Client"]
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="Client")
 Messages = Sequence["ChatMessage | Mapping[str, Any]"]
 
 
@@ -73,10 +73,10 @@ class Client(BaseClient):
              tools: list[dict[str, Any]] | None = None,
              tool_choice: str | dict[str, Any] | None = None, **extra: Any) -> ChatCompletion:
         """A chat completion. `extra` keys are sent as-is (fields this client doesn't know)."""
-        spec = self._chat_spec(model, messages, stream=False, extra=extra, params=dict(
-            temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
-            random_seed=random_seed, seed=seed, safe_prompt=safe_prompt,
-            response_format=response_format, tools=tools, tool_choice=tool_choice))
+        spec = self._chat_spec(model, messages, stream=False, extra=extra, params={
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop,
+            "random_seed": random_seed, "seed": seed, "safe_prompt": safe_prompt,
+            "response_format": response_format, "tools": tools, "tool_choice": tool_choice})
         return self._retrying(lambda: self._parse_sent(spec, ChatCompletion))
 
     def chat_stream(self, model: str, messages: Messages, *, temperature: float | None = None,
@@ -87,10 +87,10 @@ class Client(BaseClient):
                     tools: list[dict[str, Any]] | None = None,
                     tool_choice: str | dict[str, Any] | None = None, **extra: Any) -> Stream:
         """A streamed chat completion: iterate the returned `Stream` for chunks."""
-        spec = self._chat_spec(model, messages, stream=True, extra=extra, params=dict(
-            temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
-            random_seed=random_seed, seed=seed, safe_prompt=safe_prompt,
-            response_format=response_format, tools=tools, tool_choice=tool_choice))
+        spec = self._chat_spec(model, messages, stream=True, extra=extra, params={
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop,
+            "random_seed": random_seed, "seed": seed, "safe_prompt": safe_prompt,
+            "response_format": response_format, "tools": tools, "tool_choice": tool_choice})
         return Stream(lambda: self._open_stream(spec))
 
     def list_models(self) -> ModelList:
@@ -98,7 +98,8 @@ class Client(BaseClient):
         spec = self._models_spec()
         return self._retrying(lambda: self._parse_sent(spec, ModelList))
 
-    def moderate(self, input: str | list[str], model: str | None = None) -> ModerationResponse:
+    def moderate(self, input: str | list[str],
+                 model: str | None = None) -> ModerationResponse:
         """Classify text with the gateway's moderation endpoint (OpenAI's shape)."""
         spec = self._moderation_spec(input, model)
         return self._retrying(lambda: self._parse_sent(spec, ModerationResponse))
@@ -107,7 +108,7 @@ class Client(BaseClient):
         """Close the connection pool."""
         self._http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self: _Self) -> _Self:  # noqa: PYI019
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -167,7 +168,8 @@ class Client(BaseClient):
 
         return self._retrying(attempt)
 
-    def _iter_chunks(self, response: httpx.Response) -> Generator[ChatCompletionChunk, None, None]:
+    def _iter_chunks(
+            self, response: httpx.Response) -> Generator[ChatCompletionChunk, None, None]:
         decoder = SSEDecoder()
         try:
             with translate_transport_errors():

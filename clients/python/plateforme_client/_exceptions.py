@@ -6,7 +6,7 @@
     │   ├── AuthenticationError          401: missing, unknown, revoked or expired key
     │   ├── PermissionDeniedError        403: this key may not use this model
     │   ├── NotFoundError                404: unknown model or path
-    │   ├── RateLimitError               429: rate limited or quota spent (.rate_limit, .retry_after)
+    │   ├── RateLimitError               429: rate limited or quota spent (.retry_after)
     │   └── ServerError                  5xx (502 upstream error, 503 unavailable, 504 timeout)
     └── APIConnectionError               no HTTP answer: refused, reset, DNS, broken stream
         └── APITimeoutError              a connect/read/write/pool timeout
@@ -27,16 +27,16 @@ if TYPE_CHECKING:
     from ._ratelimit import RateLimit
 
 __all__ = [
-    "PlateformeError",
+    "APIConnectionError",
     "APIError",
-    "BadRequestError",
+    "APITimeoutError",
     "AuthenticationError",
-    "PermissionDeniedError",
+    "BadRequestError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "PlateformeError",
     "RateLimitError",
     "ServerError",
-    "APIConnectionError",
-    "APITimeoutError",
 ]
 
 
@@ -98,7 +98,11 @@ class NotFoundError(APIError):
 
 
 class RateLimitError(APIError):
-    """429: a per-minute limit or the monthly quota is spent; see `.retry_after` and `.rate_limit`."""
+    """429: a per-minute limit or the monthly quota is spent.
+
+    `.retry_after` (seconds) says when to try again; `.rate_limit` holds the limit, remaining
+    and reset values the gateway reported.
+    """
 
 
 class ServerError(APIError):

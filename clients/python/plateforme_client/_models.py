@@ -16,17 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from ._ratelimit import RateLimit
 
 __all__ = [
-    "ChatMessage",
-    "Usage",
-    "Choice",
     "ChatCompletion",
-    "Delta",
-    "ChunkChoice",
     "ChatCompletionChunk",
+    "ChatMessage",
+    "Choice",
+    "ChunkChoice",
+    "Delta",
     "Model",
     "ModelList",
-    "ModerationResult",
     "ModerationResponse",
+    "ModerationResult",
+    "Usage",
 ]
 
 
@@ -48,7 +48,8 @@ class _Response(_Wire):
 
     @property
     def request_id(self) -> str | None:
-        return self._headers.get("x-request-id")
+        request_id: str | None = self._headers.get("x-request-id")
+        return request_id
 
     @property
     def rate_limit(self) -> RateLimit | None:

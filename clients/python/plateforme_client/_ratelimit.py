@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["RateLimit", "Pacer", "parse_duration"]
+__all__ = ["Pacer", "RateLimit", "parse_duration"]
 
 # While a probe request is in flight and nothing is known, re-check this often.
 PROBE_POLL_SECONDS = 0.05

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ._exceptions import APIConnectionError, APIError, PlateformeError
 
-__all__ = ["RetryPolicy", "parse_retry_after", "RETRYABLE_STATUSES"]
+__all__ = ["RETRYABLE_STATUSES", "RetryPolicy", "parse_retry_after"]
 
 # 429 rate limited; 502 bad upstream answer; 503 no healthy replica; 504 upstream timed out.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -51,7 +51,7 @@ class RetryPolicy:
     base_seconds: float = BACKOFF_BASE_SECONDS
     cap_seconds: float = BACKOFF_CAP_SECONDS
     max_retry_after_seconds: float = MAX_RETRY_AFTER_SECONDS
-    random: Callable[[], float] = field(default=random.random, repr=False)
+    jitter: Callable[[], float] = field(default=random.random, repr=False)  # in [0, 1)
 
     def delay(self, error: PlateformeError, attempt: int) -> float | None:
         """Seconds to wait before attempt `attempt + 1` (0-based), or None to give up."""
@@ -66,5 +66,5 @@ class RetryPolicy:
             return None
         if retry_after is not None and retry_after > self.max_retry_after_seconds:
             return None
-        backoff = self.random() * min(self.cap_seconds, self.base_seconds * 2**attempt)
+        backoff = self.jitter() * min(self.cap_seconds, self.base_seconds * 2.0**attempt)
         return max(backoff, retry_after or 0.0)

@@ -22,9 +22,11 @@ import httpx
 from ._models import ChatCompletionChunk, Usage
 from ._ratelimit import RateLimit
 
-__all__ = ["Stream", "AsyncStream"]
+__all__ = ["AsyncStream", "Stream"]
 
 _Chunks = TypeVar("_Chunks")
+_S = TypeVar("_S", bound="Stream")
+_AS = TypeVar("_AS", bound="AsyncStream")
 SyncOpened = tuple[httpx.Response, Iterator[ChatCompletionChunk], "ChatCompletionChunk | None"]
 AsyncOpened = tuple[httpx.Response, AsyncIterator[ChatCompletionChunk],
                     "ChatCompletionChunk | None"]
@@ -58,7 +60,8 @@ class _StreamState(Generic[_Chunks]):
 
     @property
     def request_id(self) -> str | None:
-        return self.response_headers.get("x-request-id")
+        request_id: str | None = self.response_headers.get("x-request-id")
+        return request_id
 
     @property
     def rate_limit(self) -> RateLimit | None:
@@ -82,7 +85,7 @@ class Stream(_StreamState[Iterator[ChatCompletionChunk]]):
             self._closed = True
             raise
 
-    def __enter__(self) -> Stream:
+    def __enter__(self: _S) -> _S:  # noqa: PYI019
         self._open()
         return self
 
@@ -135,7 +138,7 @@ class AsyncStream(_StreamState[AsyncIterator[ChatCompletionChunk]]):
             self._closed = True
             raise
 
-    async def __aenter__(self) -> AsyncStream:
+    async def __aenter__(self: _AS) -> _AS:  # noqa: PYI019
         await self._open()
         return self
 
