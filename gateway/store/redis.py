@@ -191,7 +191,8 @@ class RedisStore:
                 [admission.lease_id, admission.tokens, admission.lease_seconds,
                  _limit(lim.rpm), _limit(lim.tpm), _limit(lim.max_concurrent),
                  _limit(lim.monthly_tokens)])
-        kind, retry_us, req_left, req_reset_us, tok_left, tok_reset_us, now_us = out
+        kind, retry_us, req_left, req_reset_us, tok_left, tok_reset_us, now_us = map(
+            int, out.split())
         return Decision(
             allowed=kind == 0, limit_kind=_KINDS[kind],
             retry_after=None if retry_us < 0 else retry_us / 1e6,

@@ -16,7 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
@@ -25,6 +25,20 @@ MAX_BATCH = 512  # calls per pipeline: bounds one write's size and one batch's l
 MAX_IN_FLIGHT = 4  # pipelines on the wire at once (each holds one pooled connection)
 
 _Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+
+def _arg(value: Any) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def _pack(sha: str, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+    """EVALSHA sha numkeys keys... args... in RESP (str() of ints and floats, as redis-py)."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), _arg(sha),
+             _arg(len(keys))]
+    parts.extend(_arg(k) for k in keys)
+    parts.extend(_arg(a) for a in args)
+    return b"".join(parts)
 
 
 class ScriptBatcher:
@@ -62,10 +76,7 @@ class ScriptBatcher:
 
     async def _send(self, batch: list[_Call], *, reload: bool) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for script, keys, args, _ in batch:
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._round_trip(batch)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             error = StoreUnavailable(f"Redis store unavailable: {exc}")
             error.__cause__ = exc
@@ -93,6 +104,39 @@ class ScriptBatcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _round_trip(self, batch: list[_Call]) -> list[Any]:
+        """One write of every EVALSHA, then one reply each, on one pooled connection.
+
+        redis-py's generic command packer costs more than the script itself here, so the
+        commands are packed directly; replies go through redis-py's parser. A connection the
+        server closed (a restart) fails on send, before anything ran: it is retried once.
+        """
+        blob = b"".join(_pack(script.sha, keys, args) for script, keys, args, _ in batch)
+        pool = self._client.connection_pool
+        for attempt in (1, 2):
+            conn = await pool.get_connection()
+            try:
+                try:
+                    await conn.send_packed_command(blob)
+                except (RedisConnectionError, OSError):
+                    await conn.disconnect()
+                    if attempt == 2:
+                        raise
+                    continue
+                results: list[Any] = []
+                for _ in batch:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:  # the reply was read: the stream stays in step
+                        results.append(exc)
+                return results
+            except BaseException:
+                await conn.disconnect()  # replies may be left unread: never reuse it
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _fail(batch: list[_Call], error: BaseException) -> None:
