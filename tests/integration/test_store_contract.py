@@ -21,7 +21,7 @@ from gateway.store import (
     Admission, Decision, KeyRecord, Limits, Settlement, Store, open_store,
 )
 from gateway.store.memory import MemoryLimiter, next_month_start, utc_day
-from tests.fixtures.redis_server import free_port
+from tests.fixtures.redis_server import free_port, start_redis_server, stop_redis_server
 
 
 class Limiter(Protocol):
@@ -316,3 +316,24 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         open_store("sqlite://")
 
 
+
+
+async def test_redis_store_recovers_after_a_restart(tmp_path: Path) -> None:
+    """Down: StoreUnavailable, not a hang. Back (scripts gone): reloaded, decisions resume."""
+    port = free_port()
+    server = start_redis_server(port, tmp_path / "redis")
+    restarted = None
+    s = open_store(f"redis://127.0.0.1:{port}/0?prefix=ptest:restart:")
+    try:
+        assert (await s.admit(adm(Limits(rpm=5)))).allowed
+        stop_redis_server(server)
+        with pytest.raises(StoreUnavailable):
+            await s.admit(adm(Limits(rpm=5)))
+        restarted = start_redis_server(port, tmp_path / "redis")
+        got = await asyncio.gather(*(s.admit(adm(Limits(rpm=5))) for _ in range(10)))
+        assert sum(d.allowed for d in got) == 5
+    finally:
+        await s.close()
+        stop_redis_server(server)
+        if restarted is not None:
+            stop_redis_server(restarted)
