@@ -13,13 +13,16 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
 
 from deploy import planner, specs
 from deploy.errors import DeployError, SkyPilotNotInstalled
 from deploy.launcher import DEFAULT_WAIT_TIMEOUT_SECONDS, Launcher, ReplicaStatus, UpOptions
+
+if TYPE_CHECKING:
+    from deploy.admin import AdminClient
 
 deploy_app = typer.Typer(
     help="Stand tiers up on any cloud with SkyPilot (or --local), registered with the gateway.",
@@ -82,7 +85,7 @@ def _launcher(local: bool, state_dir: Path | None, engine: str = "sim",
     return SkyPilotLauncher()
 
 
-def _admin(gateway_url: str | None):  # type: ignore[no-untyped-def]
+def _admin(gateway_url: str | None) -> AdminClient | None:
     """The gateway's admin client, or None with a warning when it cannot be configured."""
     from deploy.admin import AdminClient, AdminError
 

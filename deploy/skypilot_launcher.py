@@ -81,7 +81,7 @@ class RealSky:
             import sky.serve
         except ImportError as exc:
             raise SkyPilotNotInstalled() from exc
-        self._sky = sky
+        self._sky: Any = sky  # typed loosely: its SDK functions return generic RequestIds
 
     def task_from_yaml_config(self, config: dict[str, Any],
                               secrets: Sequence[tuple[str, str]]) -> Any:
