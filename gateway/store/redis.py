@@ -138,7 +138,7 @@ class RedisStore:
                     new = change(old)
                     if new is None:
                         return old
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.hset(self._keys, key_id, json.dumps(new.to_dict()))
                     pipe.incr(self._version)
                     await pipe.execute()
@@ -178,7 +178,7 @@ class RedisStore:
             raw = await self._redis.hgetall(self._replicas)
         replicas = []
         for name, at in raw.items():
-            model, url = name.split("\t", 1)
+            model, url = str(name).split("\t", 1)
             replicas.append(Replica(model=model, url=url, registered_at=float(at)))
         return sorted(replicas, key=lambda r: (r.model, r.registered_at, r.url))
 
@@ -216,8 +216,8 @@ class RedisStore:
 
     async def usage(self, key_id: str | None = None, since: str | None = None) -> list[UsageRow]:
         async with _guard("usage"):
-            days = sorted(d for d in await self._redis.smembers(self._days)
-                          if since is None or d >= since)
+            members = await self._redis.smembers(self._days)
+            days = sorted(str(d) for d in members if since is None or str(d) >= since)
             async with self._redis.pipeline(transaction=False) as pipe:
                 for day in days:
                     pipe.hgetall(f"{self.prefix}usage:{day}")
@@ -225,7 +225,7 @@ class RedisStore:
         rows: dict[tuple[str, str, str], dict[str, int]] = {}
         for day, table in zip(days, tables):
             for name, value in table.items():
-                key, model, column = name.split("\t")
+                key, model, column = str(name).split("\t")
                 if key_id is None or key == key_id:
                     rows.setdefault((day, key, model), {})[column] = int(value)
         return [UsageRow(key_id=k, model=m, day=d, **{f: c.get(f, 0) for f in _USAGE_FIELDS})

@@ -115,7 +115,7 @@ class ScriptBatcher:
         blob = b"".join(_pack(script.sha, keys, args) for script, keys, args, _ in batch)
         pool = self._client.connection_pool
         for attempt in (1, 2):
-            conn = await pool.get_connection()
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
                 try:
                     await conn.send_packed_command(blob)
