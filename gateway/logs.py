@@ -43,8 +43,9 @@ _FORBIDDEN_FIELDS = frozenset({
     "admin_token", "token", "password", "secret", "cookie",
 })
 # Attributes every LogRecord has; anything else on a record came from `extra`.
+# uvicorn's `color_message` (the message with ANSI colours) is ignored as well.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName",
+    "message", "asctime", "taskName", "color_message",
 }
 _HANDLER_MARK = "_plateforme_handler"
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")

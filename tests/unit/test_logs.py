@@ -163,10 +163,11 @@ def test_configure_logging_is_idempotent_and_sets_level(
 @pytest.mark.usefixtures("restore_root")
 def test_configure_logging_text_and_uvicorn_routed(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO", "text")
-    logging.getLogger("uvicorn.error").info("Started server process")
+    logging.getLogger("uvicorn.error").info(
+        "Started server process", extra={"color_message": "Started \x1b[36mserver\x1b[0m"})
     logging.getLogger("uvicorn.access").info("GET / 200")  # replaced by plateforme.access
     err = capsys.readouterr().err
-    assert "uvicorn.error Started server process" in err
+    assert "uvicorn.error Started server process" in err and "\x1b" not in err
     assert "GET / 200" not in err
 
 

@@ -352,7 +352,10 @@ def test_compose_configs_pass_gateway_validation(variant: str) -> None:
     catalog = load_catalog(CONFIGS[variant])
     assert catalog.models and catalog.plans
     services = load_compose(COMPOSE_ENVS[variant])["services"]
+    gateway_env = services["gateway"]["environment"]
     for name, model in catalog.models.items():
+        if model.replica_api_key_env:  # the gateway refuses to start without it
+            assert model.replica_api_key_env in gateway_env, model.replica_api_key_env
         for replica in model.replicas:
             host = urlsplit(replica).hostname
             assert host in services, f"{variant}: {name} replica {replica} is not a service"
