@@ -38,6 +38,6 @@ WORKDIR /home/plateforme
 EXPOSE 8000
 # Liveness only (/ready also needs the store and a healthy replica per model); python because
 # the slim image has no curl.
-HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=3)"]
 CMD ["plateforme", "gateway", "serve", "--config", "/etc/plateforme/config.yaml", "--host", "0.0.0.0", "--port", "8000"]
