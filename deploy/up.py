@@ -72,7 +72,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise UpError(f"the gateway exited with code {proc.returncode}; see its log above")
+            raise UpError(f"the gateway exited with code {proc.returncode}; see its log")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -148,9 +148,11 @@ def run_up(*, config: str | None, port: int, state_dir: str, engine: str) -> Non
             endpoint = launcher.up(tier, load_spec(tier), UpOptions(
                 wait_timeout_seconds=ENDPOINT_START_TIMEOUT_SECONDS, poll_interval_seconds=0.5))
             launched.append((launcher, tier, model, endpoint.url))
+        gateway_log = (state / "gateway.log").open("ab")
         gateway = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "gateway", "serve", "--config",
-             str(config_path), "--port", str(port)], env=env)
+             str(config_path), "--port", str(port)], env=env, stdout=gateway_log,
+            stderr=subprocess.STDOUT)
         _wait_http(f"{base_url}/health", GATEWAY_START_TIMEOUT_SECONDS, gateway)
         admin = AdminClient(base_url, admin_token)
         for _, _, model, url in launched:
@@ -163,6 +165,7 @@ def run_up(*, config: str | None, port: int, state_dir: str, engine: str) -> Non
         key = _dev_key(admin, state)
         print(f"\nPlateforme is up (Ctrl-C stops it).\n\n  base URL:    {base_url}\n"
               f"  API key:     {key}\n  admin token: {state / 'admin_token'}\n"
+              f"  gateway log: {state / 'gateway.log'}\n"
               f"  models:      {', '.join(catalog.get('models', {}))}\n\n"
               f"Try it:\n\n{examples(base_url, key)}\n", flush=True)
         while not stop and gateway.poll() is None:

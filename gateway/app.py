@@ -163,9 +163,10 @@ def create_app(settings: Settings, catalog: Catalog, *,
     app = FastAPI(title="Plateforme gateway", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    from gateway.routes import admin, chat, ops
+    from gateway.routes import admin, chat, moderations, ops
 
     app.include_router(chat.router)
+    app.include_router(moderations.router)
     app.include_router(ops.router)
     if admin_token is not None:
         app.include_router(admin.router)

@@ -11,6 +11,7 @@
     ├── Unprocessable         422 invalid_request_error
     ├── RateLimited           429 rate_limit_error  (carries Retry-After and the limit kind)
     ├── UpstreamError         502 upstream_error    (replicas answered badly after retries)
+    │   └── ClassifierError   502 (the moderation classifier's answer was unusable)
     ├── ServiceUnavailable    503 service_unavailable (no healthy replica, store down)
     └── UpstreamTimeout       504 timeout           (upstream silent past the inter-chunk bound)
 
@@ -119,6 +120,13 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "bad_gateway"
+
+
+class ClassifierError(UpstreamError):
+    """The moderation classifier answered, but not with the expected JSON: the text is
+    reported as unclassified, never as safe."""
+
+    code = "classifier_error"
 
 
 class ServiceUnavailable(GatewayError):

@@ -165,6 +165,15 @@ class Limiter:
             self._mark(False)
             self._pending.append(settlement)
 
+    async def record_usage(self, key_id: str, model: str, prompt_tokens: int,
+                           completion_tokens: int, error: bool) -> None:
+        """Ledger only: usage the gateway spent on a key's behalf without admitting it against
+        the key's limits (the input-moderation classifier call of an admitted chat). Settling
+        a lease that was never held adds to the ledger and refunds nothing."""
+        grant = Grant(key_id, "unadmitted-" + uuid.uuid4().hex, 0, 0, time.time(),
+                      Decision(allowed=True), False)
+        await self.settle(grant, model, prompt_tokens, completion_tokens, 0, error)
+
     async def replay_pending(self, interval: float = 1.0) -> None:
         """Background task: hand settlements queued during an outage to the store."""
         while True:

@@ -10,10 +10,12 @@ from fastapi import FastAPI
 
 from gateway.app import create_app
 from gateway.config import ConfigError, load_catalog, load_settings, parse_catalog
+from gateway.logs import configure_logging
 
 
 def app_from_env() -> FastAPI:
     settings = load_settings()
+    configure_logging(settings.log_level, settings.log_format)
     if settings.config is None:
         catalog = parse_catalog({}, "<empty>")
     else:

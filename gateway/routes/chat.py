@@ -2,7 +2,8 @@
 
 The request path reads top to bottom, cheap checks first (an unknown model must not spend
 quota): authenticate → parse and validate → resolve the model (404/403) → moderation rewrite
-→ count prompt tokens → admit (429) → forward (replica, stream, settle).
+→ count prompt tokens → admit (429) → input moderation when the key requires it (400 flagged,
+fail closed) → forward (replica, stream, settle).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from gateway.catalog import ResolvedModel
 from gateway.errors import BadRequest
 from gateway.limiter import Grant, rate_limit_headers
 from gateway.proxy import Call, Outcome
+from gateway.routes.moderations import screen_input
 from gateway.schemas import ChatRequest
 
 router = APIRouter()
@@ -98,6 +100,10 @@ async def chat_completions(request: Request) -> Response:
             param="max_tokens", code="context_length_exceeded")
     grant = await svc.limiter.admit(principal, model.name, prompt_tokens,
                                     max_tokens * (req.n or 1))
+    if principal.input_moderation:  # after admission, so flagged floods still spend the limits
+        await screen_input(svc, principal, model.name, data["messages"], grant)
+    if applied.guardrail is not None:
+        svc.metrics.moderation.labels(model.name, "guardrail").inc()
 
     headers = rate_limit_headers(grant.decision)
     headers[MODERATION_HEADER] = applied.header()

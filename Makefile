@@ -1,0 +1,16 @@
+# The two commands a new user runs: `make up` (the platform, locally) and `make test`.
+.PHONY: up test bench bench-smoke soak vllm-test bootstrap
+
+bootstrap:
+	scripts/bootstrap.sh
+
+up: bootstrap
+	.venv/bin/plateforme up
+
+test: bootstrap
+	scripts/ensure-redis.sh
+	PLATEFORME_VLLM_VENV=$${PLATEFORME_VLLM_VENV:-$$HOME/.cache/plateforme/vllm-venv} scripts/setup-vllm.sh
+	PLATEFORME_VLLM_VENV=$${PLATEFORME_VLLM_VENV:-$$HOME/.cache/plateforme/vllm-venv} .venv/bin/pytest
+
+vllm-test: bootstrap
+	PLATEFORME_VLLM_VENV=$${PLATEFORME_VLLM_VENV:-$$HOME/.cache/plateforme/vllm-venv} PYTHON=.venv/bin/python scripts/test-vllm.sh
