@@ -81,10 +81,19 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=STOP_TIMEOUT_SECONDS)
 
 
+def _vllm_python_or_fail() -> Path:
+    """The venv's interpreter; a missing venv fails (never skips) with the command to build it."""
+    try:
+        return vllm_local.vllm_python()
+    except vllm_local.VllmNotInstalled as exc:
+        message = f"{exc}\nor run the whole test with `scripts/test-vllm.sh`"
+    pytest.fail(message, pytrace=False)
+
+
 def _build_tiny_model(python: Path) -> Path:
     """Run the (idempotent) model build with the vLLM venv's interpreter; return its dir."""
     result = subprocess.run(
-        [str(python), str(BUILD_MODEL_SCRIPT)], capture_output=True, text=True,
+        [str(python), str(BUILD_MODEL_SCRIPT)], check=False, capture_output=True, text=True,
         timeout=BUILD_TIMEOUT_SECONDS, cwd=vllm_local.REPO_ROOT,
     )
     if result.returncode != 0:
@@ -114,10 +123,7 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path)
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """A real vLLM (CPU) serving the tiny Mixtral under the small tier's model name."""
-    try:
-        python = vllm_local.vllm_python()
-    except vllm_local.VllmNotInstalled as exc:
-        pytest.fail(f"{exc}\nor run the whole test with `scripts/test-vllm.sh`", pytrace=False)
+    python = _vllm_python_or_fail()
     model_path = _build_tiny_model(python)
 
     spec_envs = {k: str(v) for k, v in yaml.safe_load(SPEC_PATH.read_text())["envs"].items()}
