@@ -4,9 +4,16 @@ Merge rule (deterministic, and valid for chat templates that accept a single sys
 the guardrail becomes the FIRST system content. If the caller's conversation starts with a
 system message, the two are merged into one system message, guardrail first, a blank line,
 then the caller's text (as Mistral's API does); otherwise a system message holding only the
-guardrail is inserted at position 0. Mixtral's own template has no system role: vLLM's
-mistral tokenizer mode renders the system text at the start of the (last) user turn, inside
-`[INST] … [/INST]`, which keeps the guardrail ahead of the user's words.
+guardrail is inserted at position 0.
+
+How the system turn reaches Mixtral, whose template has no system role (the original Jinja
+chat template of Mixtral-8x7B-Instruct-v0.1 refuses a system message, so vLLM must serve it
+with `--tokenizer-mode mistral`, i.e. mistral-common): the v1 tokenizer (Mixtral 8x7B,
+Mistral 7B v0.1) renders the system text, then a blank line, at the start of the FIRST user
+turn, `<s>[INST] {guardrail}\n\n{caller system}\n\n{user} [/INST]`; v2/v3 tokenizers put it at
+the start of the LAST user turn; v7 has a real `[SYSTEM_PROMPT]` turn. In every case the
+guardrail precedes the caller's words (tests/unit/test_moderation.py renders it with
+`MistralTokenizer.v1()` to prove it).
 """
 
 from __future__ import annotations
