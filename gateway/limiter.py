@@ -150,7 +150,7 @@ class Limiter:
             key_id=grant.key_id, lease_id=grant.lease_id, model=model,
             reserved_tokens=grant.reserved_tokens, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, guardrail_tokens=guardrail_tokens,
-            admitted_at=grant.admitted_at, errors=1 if error else 0)
+            admitted_at=grant.admitted_at, errors=1 if error else 0, local=grant.local)
         if grant.local:
             await self._local.settle(settlement)
             self._pending.append(settlement)
@@ -184,6 +184,8 @@ class Limiter:
                     await self._store.settle(settlement)
                 except StoreUnavailable:
                     break
+                except Exception:  # a settlement the store rejects must not block the rest
+                    log.exception("dropping a queued settlement the store rejected")
                 self._pending.popleft()
                 self._mark(True)
             if not self.store_ok and not self._pending:

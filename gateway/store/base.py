@@ -119,6 +119,9 @@ class Settlement:
     slot and add what was used to the usage ledger, in one atomic step.
 
     `requests` is 1 for a request that reached (or tried to reach) an upstream.
+    `local` marks a request admitted by a gateway's in-process fallback while the store was
+    down (`fail_open_local`): the store never reserved it, so its whole use is charged to the
+    monthly counter when the settlement is replayed.
     """
 
     key_id: str
@@ -131,6 +134,7 @@ class Settlement:
     guardrail_tokens: int = 0
     requests: int = 1
     errors: int = 0  # 1 when the request ended in an error
+    local: bool = False  # admitted without the store (outage): charge the month in full
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,11 +211,15 @@ class MemoryLimiter:
         return decision
 
     async def settle(self, settlement: Settlement) -> None:
-        state = self._keys.get(settlement.key_id)
-        if state is None or state.leases.pop(settlement.lease_id, None) is None:
-            return  # unknown, expired or already settled: never refund twice
         used = (settlement.prompt_tokens + settlement.completion_tokens
                 + settlement.guardrail_tokens)
+        state = self._keys.get(settlement.key_id)
+        if state is None or state.leases.pop(settlement.lease_id, None) is None:
+            if settlement.local and used > 0:  # never reserved here: charge the month
+                month = utc_month(settlement.admitted_at)
+                state = self._keys.setdefault(settlement.key_id, _KeyState())
+                state.months[month] = state.months.get(month, 0) + used
+            return  # unknown, expired or already settled: never refund twice
         entry = state.window.get(settlement.lease_id)
         if entry is not None:
             state.window_tokens += used - int(entry[1])

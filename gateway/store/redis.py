@@ -212,7 +212,7 @@ class RedisStore:
                 [*self._limit_keys(s.key_id), f"{self.prefix}usage:{day}", self._days],
                 [s.lease_id, utc_month(s.admitted_at), s.reserved_tokens, used,
                  f"{s.key_id}\t{s.model}\t", day, s.requests, s.prompt_tokens,
-                 s.completion_tokens, s.guardrail_tokens, s.errors])
+                 s.completion_tokens, s.guardrail_tokens, s.errors, 1 if s.local else 0])
 
     async def usage(self, key_id: str | None = None, since: str | None = None) -> list[UsageRow]:
         async with _guard("usage"):

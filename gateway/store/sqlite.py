@@ -290,6 +290,11 @@ class SQLiteStore:
                 conn.execute(
                     "UPDATE monthly SET tokens = MAX(0, tokens + ?) WHERE key_id = ? AND month = ?",
                     (used - s.reserved_tokens, s.key_id, utc_month(s.admitted_at)))
+            elif s.local and used > 0:  # admitted during an outage: nothing was reserved
+                conn.execute(
+                    "INSERT INTO monthly VALUES (?, ?, ?) ON CONFLICT (key_id, month)"
+                    " DO UPDATE SET tokens = tokens + excluded.tokens",
+                    (s.key_id, utc_month(s.admitted_at), used))
             conn.execute(
                 "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, key_id, model)"
                 " DO UPDATE SET " + ", ".join(f"{c} = {c} + excluded.{c}" for c in _USAGE_COLUMNS),

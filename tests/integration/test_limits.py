@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.store import open_store
 from tests.fixtures.procs import MIXTRAL, Gateway, GatewayFactory, Sim, SimFactory, basic_config
 from tests.fixtures.redis_server import free_port, start_redis_server, stop_redis_server
 
@@ -415,7 +416,7 @@ async def test_redis_outage_fail_open_local_scales_limits_and_replays_usage(
     config = basic_config([sim.url], own_redis["url"],
                           limits={"store_failure": "fail_open_local", "gateway_replicas": 2})
     gateway = gateways(config)
-    created = gateway.create_key(rpm=10)
+    created = gateway.create_key(rpm=10, monthly_tokens=10**6)
     key = created["key"]
     assert chat(gateway, key, body()).status_code == 200  # the key is now cached
 
@@ -448,6 +449,14 @@ async def test_redis_outage_fail_open_local_scales_limits_and_replays_usage(
             break
         await asyncio.sleep(0.2)
     assert requests == 6  # 1 before the outage + 5 queued during it reach the ledger
+    # and what was spent during the outage counts against the monthly quota too
+    store = open_store(own_redis["url"])
+    try:
+        month = await store.monthly_tokens_used(created["id"])
+    finally:
+        await store.close()
+    assert month == sum(r["prompt_tokens"] + r["completion_tokens"] + r["guardrail_tokens"]
+                        for r in rows)
     assert gateway.proc.poll() is None
     back = chat(gateway, key, body())
     assert back.status_code == 200

@@ -337,3 +337,18 @@ async def test_redis_store_recovers_after_a_restart(tmp_path: Path) -> None:
         stop_redis_server(server)
         if restarted is not None:
             stop_redis_server(restarted)
+
+
+async def test_a_locally_admitted_settlement_is_charged_to_the_month(limiter: Limiter) -> None:
+    """Usage admitted by a gateway's fallback during an outage reserved nothing in the store:
+    replaying its settlement charges the month in full (and only once per lease)."""
+    key_id, limits = uuid.uuid4().hex, Limits(monthly_tokens=100)
+    local = Settlement(key_id, "outage-lease", "m", reserved_tokens=80, prompt_tokens=40,
+                       completion_tokens=20, admitted_at=time.time(), local=True)
+    await limiter.settle(local)
+    assert not (await limiter.admit(Admission(key_id, "a", limits, 41))).allowed
+    assert (await limiter.admit(Admission(key_id, "b", limits, 40))).allowed
+    # a settlement that is not local and holds no lease changes nothing (no double refund)
+    await limiter.settle(Settlement(key_id, "gone", "m", 80, 0, 0, time.time()))
+    refused = await limiter.admit(Admission(key_id, "c", limits, 1))
+    assert not refused.allowed and refused.limit_kind == "monthly"
