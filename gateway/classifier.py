@@ -116,10 +116,7 @@ def prompt_messages(text: str, categories: Sequence[str]) -> list[dict[str, Any]
 def _strip_fence(content: str) -> str:
     text = content.strip()
     if text.startswith("```") and text.endswith("```") and len(text) >= 6:
-        text = text[3:-3]
-        if text.startswith("json"):
-            text = text[4:]
-        text = text.strip()
+        text = text[3:-3].removeprefix("json").strip()
     return text
 
 

@@ -184,6 +184,10 @@ class Catalog(_Strict):
         classifier = self.moderation.classifier
         if classifier and classifier.model not in names:
             raise ValueError(f"moderation.classifier.model: unknown model {classifier.model!r}")
+        for plan_name, plan in self.plans.items():
+            if plan.input_moderation and classifier is None:
+                raise ValueError(f"plans.{plan_name}.input_moderation: needs a "
+                                 "moderation.classifier to classify with")
         if self.moderation.default_guardrail != "default" and \
                 self.moderation.default_guardrail not in self.moderation.guardrails:
             raise ValueError(

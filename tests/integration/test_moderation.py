@@ -62,7 +62,8 @@ def _config(chat: Sim, classifier: Sim, store: str) -> dict[str, Any]:
         plans={"beta": {**plan, "models": models},
                "always": {**plan, "models": models, "moderation": "always"},
                "never": {**plan, "models": models, "moderation": "never"},
-               "moderated": {**plan, "models": models, "input_moderation": True}},
+               "moderated": {**plan, "models": models, "input_moderation": True,
+                             "max_concurrent": 1}},
         moderation={"default_guardrail": "strict",
                     "guardrails": {"strict": {"version": "2024-02", "text": STRICT_TEXT},
                                    "house": {"version": "3", "text": HOUSE_TEXT}},
@@ -297,6 +298,15 @@ def test_moderations_without_a_classifier_is_a_clear_404(sims: SimFactory,
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "moderation_not_configured"
 
+    # a key that requires input moderation on such a gateway: fail closed, nothing forwarded
+    moderated = gateway.create_key("beta", input_moderation=True)["key"]
+    chat = httpx.post(f"{gateway.url}/v1/chat/completions", timeout=15,
+                      headers={"authorization": f"Bearer {moderated}"},
+                      json={"model": "small", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 503
+    assert chat.json()["error"]["code"] == "classifier_not_configured"
+    assert sim.requests() == []
+
 
 # --- input moderation ------------------------------------------------------------------
 
@@ -311,8 +321,14 @@ def test_input_moderation_blocks_a_flagged_chat_before_the_model(platform: Platf
     assert platform.chat_bodies() == []  # never reached the model
     assert len(platform.classifier_sim.requests()) == 1
 
-    clean = platform.chat(created["key"], messages=[
-        {"role": "user", "content": "Write me a poem about spring"}])
+    # the blocked chat gave its concurrency slot back (max_concurrent is 1 on this plan)
+    deadline = time.monotonic() + SETTLE_WAIT_SECONDS
+    while True:
+        clean = platform.chat(created["key"], messages=[
+            {"role": "user", "content": "Write me a poem about spring"}])
+        if clean.status_code != 429 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert clean.status_code == 200, clean.text
     (sent,) = platform.chat_bodies()
     assert sent["messages"] == [{"role": "user", "content": "Write me a poem about spring"}]

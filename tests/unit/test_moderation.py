@@ -255,3 +255,16 @@ def test_caller_text_screens_system_and_user_turns_only() -> None:
                         {"role": "user", "content": "U2"}])
     assert text == "S\n\nU1\n\nU2"
     assert caller_text([{"role": "user", "content": [{"type": "image_url"}]}]) == ""
+
+
+def test_a_plan_requiring_input_moderation_needs_a_classifier() -> None:
+    from gateway.config import parse_catalog
+    from gateway.errors import ConfigError
+
+    models = {"m": {"upstream_model": "u"}}
+    with pytest.raises(ConfigError, match=r"plans\.strict\.input_moderation: needs a "
+                                          r"moderation\.classifier"):
+        parse_catalog({"models": models, "plans": {"strict": {"input_moderation": True}}})
+    catalog = parse_catalog({"models": models, "plans": {"strict": {"input_moderation": True}},
+                             "moderation": {"classifier": {"model": "m"}}})
+    assert catalog.plans["strict"].input_moderation is True
