@@ -40,6 +40,10 @@ if [[ -x "$venv/bin/python" && -f "$marker" && "$(cat "$marker")" == "$want" ]];
     exit 0
 fi
 
+if [[ -x "$venv/bin/python" ]] && [[ "$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" != "$py_version" ]]; then
+    log "$venv was made with another Python; recreating it with $py_version"
+    rm -rf "$venv"
+fi
 if [[ ! -x "$venv/bin/python" ]]; then
     log "creating virtualenv $venv with $base_python ($py_version)"
     mkdir -p "$(dirname "$venv")"
