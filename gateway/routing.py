@@ -154,8 +154,11 @@ class ReplicaPool:
         replica.last_error = reason
 
     def restore(self, replica: ReplicaState) -> None:
+        """Back in rotation on probation (half-open): one more failure ejects it again, a
+        success clears the count — a replica whose /health passes but whose requests fail
+        costs one request per cooldown, not `max_failures`."""
         replica.ejected_until = 0.0
-        replica.consecutive_failures = 0
+        replica.consecutive_failures = self._config.max_failures - 1
         replica.last_error = None
 
     def cooled_down(self, replica: ReplicaState, now: float) -> bool:
