@@ -462,3 +462,39 @@ async def test_redis_outage_fail_open_local_scales_limits_and_replays_usage(
     assert back.status_code == 200
     assert back.headers["x-ratelimit-limit-requests"] == "10"
     assert (await asyncio.to_thread(_ready, gateway)).json()["store"] == "ok"
+
+
+def test_slots_and_tokens_return_after_disconnects_and_upstream_errors(
+        sims: SimFactory, gateways: GatewayFactory, redis_store_url: str) -> None:
+    sim = sims(MIXTRAL, "--itl", "0.2")
+    gateway = gateways(basic_config([sim.url], redis_store_url))
+    key = gateway.create_key(max_concurrent=1, tpm=1000)["key"]
+    headers = {"authorization": f"Bearer {key}"}
+
+    # a client that walks away mid-stream: settlement still frees the slot
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", headers=headers,
+                      json=body(max_tokens=64, stream=True), timeout=30) as stream:
+        assert stream.status_code == 200
+        next(stream.iter_raw())
+    deadline = time.monotonic() + 5
+    while True:
+        sim.control(itl_seconds=0)
+        response = chat(gateway, key, body(max_tokens=64))
+        if response.status_code == 200 or time.monotonic() > deadline:
+            break
+        assert_429(response, "concurrent requests")
+        time.sleep(0.1)
+    assert response.status_code == 200, response.text
+
+    # an upstream that fails: 502, the reservation is refunded in full and the slot freed
+    sim.control(fail_rate=1.0, fail_status=500)
+    failed = chat(gateway, key, body(max_tokens=400))
+    assert failed.status_code == 502, failed.text
+    sim.control(fail_rate=0.0)
+    time.sleep(0.3)
+    after = chat(gateway, key, body(max_tokens=400))
+    assert after.status_code == 200, after.text
+    # the window holds this request's reservation (prompt + 400) and the small real use of
+    # the two earlier ones; had the failed request kept its reservation it would be > 800
+    spent = 1000 - int(after.headers["x-ratelimit-remaining-tokens"])
+    assert 400 < spent < 800, spent
