@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -49,6 +49,28 @@ class ModelRuntime:
     upstream_headers: dict[str, str]
 
 
+class Background:
+    """Tasks that must finish even if the request that started them is gone (settlements);
+    shutdown waits for them up to the drain timeout."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
+
+    async def drain(self, timeout: float) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout)
+
+
 @dataclass(frozen=True)
 class Services:
     settings: Settings
@@ -63,18 +85,11 @@ class Services:
     health: HealthKeeper
     metrics: Metrics
     admin_token: str | None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    background: Background
 
     def spawn(self, coro: Awaitable[Any]) -> None:
-        """Run `coro` in the background, tracked so shutdown can wait for it."""
-        task = asyncio.ensure_future(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed: %r", task.exception())
+        """Run `coro` in the background, tracked so shutdown waits for it."""
+        self.background.spawn(coro)
 
 
 def _runtime(catalog: Catalog, counters: dict[str | None, TokenCounter]) -> dict[str, ModelRuntime]:
@@ -116,11 +131,7 @@ def create_app(settings: Settings, catalog: Catalog, *,
             auto_decompress=False, skip_auto_headers=("User-Agent",))
         pool = ReplicaPool({n: m.replicas for n, m in catalog.models.items()}, catalog.routing)
         limiter = Limiter(store, catalog.limits, metrics)
-        tasks: set[asyncio.Task[Any]] = set()
-
-        def spawn(coro: Awaitable[Any]) -> None:
-            services.spawn(coro)
-
+        background = Background()
         services = Services(
             settings=settings, catalog=catalog, models=ModelCatalog(catalog, int(time.time())),
             runtime=runtime, store=store, auth=Authenticator(store, catalog, server),
@@ -129,13 +140,14 @@ def create_app(settings: Settings, catalog: Catalog, *,
                               connect_timeout=server.connect_timeout_seconds,
                               read_timeout=server.read_timeout_seconds,
                               request_timeout=server.request_timeout_seconds,
-                              max_attempts=catalog.routing.max_attempts, spawn=spawn),
+                              max_attempts=catalog.routing.max_attempts,
+                              spawn=background.spawn),
             health=HealthKeeper(pool, store, session, metrics,
                                 lambda model: runtime[model].upstream_headers,
                                 probe_interval=catalog.routing.probe_interval_seconds,
                                 refresh_interval=catalog.routing.refresh_seconds,
                                 scrape=catalog.routing.metrics_scrape),
-            tasks=tasks,
+            background=background,
         )
         try:
             await services.health.refresh_registry()
@@ -143,7 +155,7 @@ def create_app(settings: Settings, catalog: Catalog, *,
         except GatewayError:
             metrics.store_up.set(0)
             log.warning("store unreachable at start; serving by the outage policy")
-        background = [asyncio.create_task(coro) for coro in (
+        loops = [asyncio.create_task(coro) for coro in (
             services.auth.watch_versions(), services.health.run_registry(),
             services.health.run_probes(), services.limiter.replay_pending())]
         app.state.services = services
@@ -152,11 +164,11 @@ def create_app(settings: Settings, catalog: Catalog, *,
         try:
             yield
         finally:
-            for task in background:
+            for task in loops:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if services.tasks:  # settlements still being written: the ledger must get them
-                await asyncio.wait(list(services.tasks), timeout=server.drain_timeout_seconds)
+            await asyncio.gather(*loops, return_exceptions=True)
+            # settlements still being written: the ledger must get them
+            await background.drain(server.drain_timeout_seconds)
             await session.close()
             await store.close()
 
