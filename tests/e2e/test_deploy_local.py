@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -44,7 +45,7 @@ def process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
-def wait_for(condition, timeout: float = 15.0, what: str = "") -> None:  # type: ignore[no-untyped-def]
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -68,7 +69,8 @@ def test_deploy_up_registers_serves_and_down_deregisters(gateway: Gateway, tmp_p
         up = plateforme("up", "--local", "small", "--wait-timeout", "60",
                         state_dir=state_dir, gateway=gateway)
         assert up.returncode == 0, up.stdout + up.stderr
-        match = re.search(r"^small READY at (http://127\.0\.0\.1:\d+)$", up.stdout, re.M)
+        match = re.search(r"^small READY at (http://127\.0\.0\.1:\d+)$", up.stdout,
+                          re.MULTILINE)
         assert match, up.stdout
         url = match.group(1)
         assert f"registered {url} as a replica of {MODEL}" in up.stdout
