@@ -6,6 +6,13 @@ When mistral-common cannot render a conversation (e.g. a message order its templ
 forbids), the count falls back to encoding each message's text plus a per-message overhead:
 still the real tokenizer, no longer the exact template. Models without a configured
 tokenizer use a cheap estimate (4 characters per token), documented in the README.
+
+For the v1 tokenizer (Mixtral 8x7B, Mistral 7B v0.1) a plain conversation — system turns
+first, then user and assistant strictly alternating, ending on a user turn, all non-empty
+text — is counted by encoding the exact strings the v1 template renders, skipping
+mistral-common's request validation, normalisation and the decode it does for its `text`
+(~70% of the counting cost). The count is identical (tests/unit/test_tokens_fast.py checks it
+against `encode_chat_completion` on random conversations); anything else takes the full path.
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ class TokenCounter:
         def encode_text(text: str) -> int:
             return len(raw.encode(text, bos=False, eos=False))
 
+        if name == "mistral-v1":
+            full_chat = encode_chat
+
+            def encode_chat(messages: Messages) -> int:
+                count = _count_v1_plain(messages, encode_text)
+                return full_chat(messages) if count is None else count
+
         self._encode_chat = encode_chat
         self._encode_text = encode_text
 
@@ -86,6 +100,38 @@ class TokenCounter:
                       type(exc).__name__)
             return sum(self._encode_text(_text_of(m.get("content"))) +
                        PER_MESSAGE_OVERHEAD_TOKENS for m in messages) + 1
+
+
+def _count_v1_plain(messages: Messages, encode_text: Callable[[str], int]) -> int | None:
+    """The v1 template's exact count for a plain conversation, else None (take the full path).
+
+    v1 renders `<s>[INST] {system}\n\n{user} [/INST]{assistant}</s>[INST] {user} [/INST]`:
+    system texts are joined by a blank line and prefixed to the first user turn, each user
+    turn is encoded as one string with its markers, each assistant turn as its text plus EOS.
+    """
+    system: list[str] = []
+    i = 0
+    while i < len(messages) and messages[i]["role"] == "system":
+        text = messages[i]["content"]
+        if not text.strip():
+            return None
+        system.append(text)
+        i += 1
+    turns = messages[i:]
+    if not turns or len(turns) % 2 == 0:
+        return None  # must alternate user/assistant and end on a user turn
+    count = 1  # BOS
+    for n, message in enumerate(turns):
+        text = message["content"]
+        if message["role"] != ("user" if n % 2 == 0 else "assistant") or not text.strip():
+            return None
+        if n % 2:
+            count += encode_text(text) + 1  # EOS closes an assistant turn
+        else:
+            if n == 0 and system:
+                text = "\n\n".join(system) + "\n\n" + text
+            count += encode_text(f"[INST] {text} [/INST]")
+    return count
 
 
 def _plain(messages: Messages) -> Messages:
