@@ -29,6 +29,7 @@ MAX_TOKENS = 12
 PROMPT = "Name three rivers of France."
 REQUEST_TIMEOUT_SECONDS = 60.0
 REFERENCE_TIMEOUT_SECONDS = 120.0
+IN_FLIGHT_MAX_TOKENS = 400  # ~3 s of decoding: long enough to scrape /metrics mid-request
 REQUIRED_VLLM_GAUGES = (
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
@@ -122,15 +123,36 @@ def test_stream_matches_the_completion_and_ends_with_usage(client: httpx.Client,
     assert content_chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_metrics_expose_the_router_gauges(client: httpx.Client) -> None:
-    client.post("/v1/chat/completions", json=chat_body(
-        client.get("/v1/models").json()["data"][0]["id"], max_tokens=2))
+def gauges(client: httpx.Client) -> dict[str, float]:
+    """The ``vllm:`` router gauges from /metrics (one engine, one model: one sample each)."""
     response = client.get("/metrics")
     assert response.status_code == 200
-    samples = {line.split("{")[0].split(" ")[0] for line in response.text.splitlines()
-               if line and not line.startswith("#")}
-    for gauge in REQUIRED_VLLM_GAUGES:
-        assert gauge in samples, f"{gauge} missing from vLLM /metrics"
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in REQUIRED_VLLM_GAUGES:
+            values[name] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_metrics_gauges_show_a_request_in_flight(client: httpx.Client,
+                                                 vllm_endpoint: VllmEndpoint) -> None:
+    """The gauges the router's load view reads move with real load, and settle after it."""
+    body = chat_body(vllm_endpoint.served_model_name, max_tokens=IN_FLIGHT_MAX_TOKENS,
+                     stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass  # the first event: the request is scheduled and decoding
+        busy = gauges(client)
+        for _ in lines:
+            pass
+    assert set(busy) == set(REQUIRED_VLLM_GAUGES), "router gauges missing from vLLM /metrics"
+    assert busy["vllm:num_requests_running"] >= 1
+    assert busy["vllm:kv_cache_usage_perc"] > 0
+    idle = gauges(client)
+    assert idle["vllm:num_requests_running"] == 0
+    assert idle["vllm:num_requests_waiting"] == 0
 
 
 def test_engine_runs_the_mixture_of_experts_path(client: httpx.Client,
