@@ -23,7 +23,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from deploy import vllm_local
 from tests.e2e.conftest import VllmEndpoint, VllmServer
 
-pytestmark = pytest.mark.vllm
+# The first test also pays for the session's vLLM start (45 s idle, ~2 min on a busy machine)
+# and, from a clean clone, the tiny model build: room beyond the suite's 300 s default.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 MAX_TOKENS = 12
 PROMPT = "Name three rivers of France."
