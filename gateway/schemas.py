@@ -106,3 +106,24 @@ class ReplicaRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=2048)
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` declaring `model` as a route's JSON body, for routes that read and
+    validate their body themselves (to keep the caller's dict or answer in OpenAI's error
+    shape). Nested models are inlined: pydantic's `$defs` would dangle inside OpenAPI's
+    document, and fuzzers and SDK generators read this schema."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline(schema, schema.get("$defs", {}))}}}}

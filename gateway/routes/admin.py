@@ -24,7 +24,7 @@ from gateway.config import _check_http_url
 from gateway.errors import AuthenticationFailed, BadRequest, NotFound
 from gateway.keys import generate_key, looks_like_key
 from gateway.routes.chat import parse_body, services
-from gateway.schemas import KeyCreate, KeyUpdate, ReplicaRegistration
+from gateway.schemas import KeyCreate, KeyUpdate, ReplicaRegistration, openapi_body
 from gateway.store import KeyRecord
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -79,7 +79,7 @@ async def _key(svc: Services, key_id: str) -> KeyRecord:
     return record
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, openapi_extra=openapi_body(KeyCreate))
 async def create_key(request: Request) -> Response:
     svc = services(request)
     body = _parse(KeyCreate, parse_body(await request.body()))
@@ -107,7 +107,7 @@ async def show_key(request: Request, key_id: str) -> Response:
     return JSONResponse((await _key(services(request), key_id)).public())
 
 
-@router.patch("/keys/{key_id}")
+@router.patch("/keys/{key_id}", openapi_extra=openapi_body(KeyUpdate))
 async def update_key(request: Request, key_id: str) -> Response:
     svc = services(request)
     await _key(svc, key_id)
@@ -169,7 +169,8 @@ def _url(value: str) -> str:
         raise BadRequest(str(exc), param="url") from None
 
 
-@router.post("/models/{name}/replicas", status_code=201)
+@router.post("/models/{name}/replicas", status_code=201,
+             openapi_extra=openapi_body(ReplicaRegistration))
 async def register_replica(request: Request, name: str) -> Response:
     svc = services(request)
     model = _model(svc, name)

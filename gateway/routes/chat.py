@@ -25,14 +25,12 @@ from gateway.errors import BadRequest
 from gateway.limiter import Grant, rate_limit_headers
 from gateway.proxy import Call, Outcome
 from gateway.routes.moderations import screen_input
-from gateway.schemas import ChatRequest
+from gateway.schemas import ChatRequest, openapi_body
 
 router = APIRouter()
 MODERATION_HEADER = "x-plateforme-moderation"
 
-CHAT_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ChatRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}}
+CHAT_OPENAPI: dict[str, Any] = openapi_body(ChatRequest)
 
 
 def services(request: Request) -> Services:

@@ -31,13 +31,11 @@ from gateway.auth import Principal
 from gateway.classifier import MAX_INPUTS, Classifier, Usage
 from gateway.errors import BadRequest, ModerationBlocked, NotFound, ServiceUnavailable
 from gateway.limiter import Grant, rate_limit_headers
-from gateway.schemas import ModerationRequest
+from gateway.schemas import ModerationRequest, openapi_body
 
 router = APIRouter()
 
-MODERATIONS_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": ModerationRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}}
+MODERATIONS_OPENAPI: dict[str, Any] = openapi_body(ModerationRequest)
 SCREENED_ROLES = ("system", "user")  # what the caller wrote; assistant and tool turns are not
 
 
@@ -129,7 +127,7 @@ async def screen_input(svc: Services, principal: Principal, model: str,
         text = caller_text(messages)
         if not text:
             return  # nothing written to screen (e.g. only images)
-        classifier.reservation([text])
+        classifier.reservation([text], param="messages")
         (verdict,) = await classifier.classify([text], usage)
         if verdict.flagged:
             svc.metrics.moderation.labels(model, "input_blocked").inc()
