@@ -211,7 +211,7 @@ class Classifier:
         return requested is None or requested == self.name or \
             requested in self.model.config.aliases
 
-    def reservation(self, texts: Sequence[str]) -> int:
+    def reservation(self, texts: Sequence[str], param: str = "input") -> int:
         """Prompt tokens of all the calls; 400 when one cannot fit the classifier's window."""
         total = 0
         window = self.model.config.context_window
@@ -219,9 +219,9 @@ class Classifier:
             tokens = self._counter.count_chat(prompt_messages(text, self.config.categories))
             if tokens + self.config.max_tokens > window:
                 raise BadRequest(
-                    f"Input {index} needs {tokens} prompt tokens for the moderation "
-                    f"classifier, more than its context window of {window} allows.",
-                    param="input", code="moderation_input_too_long")
+                    f"The text to moderate ({param}, item {index}) needs {tokens} prompt "
+                    f"tokens for the moderation classifier, more than its context window of "
+                    f"{window} allows.", param=param, code="moderation_input_too_long")
             total += tokens
         return total
 

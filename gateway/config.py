@@ -99,7 +99,7 @@ class ClassifierConfig(_Strict):
 
     model: str
     categories: tuple[str, ...] = DEFAULT_MODERATION_CATEGORIES
-    max_tokens: int = Field(64, gt=0)
+    max_tokens: int = Field(256, gt=0)  # the JSON answer: ~105 tokens compact, ~160 indented
 
 
 class ModerationConfig(_Strict):

@@ -268,3 +268,23 @@ def test_a_plan_requiring_input_moderation_needs_a_classifier() -> None:
     catalog = parse_catalog({"models": models, "plans": {"strict": {"input_moderation": True}},
                              "moderation": {"classifier": {"model": "m"}}})
     assert catalog.plans["strict"].input_moderation is True
+
+
+def test_a_text_too_long_for_the_classifier_is_a_clear_400() -> None:
+    from gateway.catalog import ResolvedModel
+    from gateway.classifier import Classifier
+    from gateway.config import ClassifierConfig, ModelConfig
+    from gateway.metrics import Metrics
+    from gateway.tokens import TokenCounter
+
+    model = ResolvedModel("guard", ModelConfig(upstream_model="u", context_window=1000,
+                                               default_max_tokens=16, aliases=("g",)))
+    classifier = Classifier(ClassifierConfig(model="guard"), model, TokenCounter("mistral-v1"),
+                            {}, None, Metrics.create())  # type: ignore[arg-type]  # no I/O here
+    assert classifier.answers_to(None) and classifier.answers_to("g")
+    assert not classifier.answers_to("other")
+    assert classifier.reservation(["short"]) > 0
+    with pytest.raises(BadRequest) as caught:
+        classifier.reservation(["short", "word " * 1000], param="messages")
+    assert caught.value.code == "moderation_input_too_long"
+    assert caught.value.param == "messages" and "item 1" in caught.value.message
