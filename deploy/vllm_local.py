@@ -123,10 +123,15 @@ def vllm_python(environ: Mapping[str, str] | None = None) -> Path:
     return python
 
 
+def tiny_model_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the tiny model lives: ``$PLATEFORME_TINY_MODEL``, else ``.cache/models/tiny-mixtral``."""
+    env = os.environ if environ is None else environ
+    return _under_repo(env.get(TINY_MODEL_ENV_VAR), DEFAULT_TINY_MODEL)
+
+
 def tiny_model_path(environ: Mapping[str, str] | None = None) -> Path:
     """The tiny random Mixtral built by ``scripts/build_tiny_mixtral.py``; raises `ModelNotBuilt`."""
-    env = os.environ if environ is None else environ
-    path = _under_repo(env.get(TINY_MODEL_ENV_VAR), DEFAULT_TINY_MODEL)
+    path = tiny_model_dir(environ)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise ModelNotBuilt(
             f"no tiny Mixtral at {path}; build it with `{BUILD_MODEL_COMMAND}` "

@@ -93,7 +93,8 @@ def _vllm_python_or_fail() -> Path:
 def _build_tiny_model(python: Path) -> Path:
     """Run the (idempotent) model build with the vLLM venv's interpreter; return its dir."""
     result = subprocess.run(
-        [str(python), str(BUILD_MODEL_SCRIPT)], check=False, capture_output=True, text=True,
+        [str(python), str(BUILD_MODEL_SCRIPT), "--out", str(vllm_local.tiny_model_dir())],
+        check=False, capture_output=True, text=True,
         timeout=BUILD_TIMEOUT_SECONDS, cwd=vllm_local.REPO_ROOT,
     )
     if result.returncode != 0:

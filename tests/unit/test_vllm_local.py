@@ -196,6 +196,11 @@ def test_tiny_model_path_finds_a_built_model(tiny_model: Path) -> None:
     assert tiny_model_path({"PLATEFORME_TINY_MODEL": str(tiny_model)}) == tiny_model
 
 
+def test_tiny_model_dir_defaults_under_the_repo_cache() -> None:
+    assert vllm_local.tiny_model_dir({}) == (
+        vllm_local.REPO_ROOT / ".cache" / "models" / "tiny-mixtral")
+
+
 def test_launch_summary_is_shell_pasteable(venv: dict[str, str]) -> None:
     argv, env = build_command(dict(SMALL_ENVS, VLLM_EXTRA_ARGS="--chat-template 'a b'"),
                               8123, environ=venv)
