@@ -9,14 +9,13 @@ second without a store round trip per request.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from dataclasses import dataclass
 
 from gateway.config import Catalog, ModerationPolicy, ServerConfig
 from gateway.errors import AuthenticationFailed, PermissionDenied, StoreUnavailable
-from gateway.keys import hash_key, looks_like_key, parse_key_id
+from gateway.keys import looks_like_key, parse_key_id, verify_key
 from gateway.store import KeyRecord, Limits, Store
 
 log = logging.getLogger(__name__)
@@ -92,8 +91,8 @@ class Authenticator:
         if key_id is None:
             raise AuthenticationFailed("Invalid API key.")
         record = await self._record(key_id)
-        # Constant-time: the presented key's hash against the stored one.
-        if record is None or not hmac.compare_digest(hash_key(token), record.hash):
+        # Constant-time: the presented key's hash against the stored one (`verify_key`).
+        if record is None or not verify_key(token, record.hash):
             raise AuthenticationFailed("Invalid API key.")
         now = time.time()
         if record.revoked_at is not None:

@@ -25,8 +25,14 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from gateway.config import _check_http_url
-from tests.fixtures.procs import ADMIN_TOKEN, MIXTRAL, Gateway, GatewayFactory, SimFactory, \
-    basic_config
+from tests.fixtures.procs import (
+    ADMIN_TOKEN,
+    MIXTRAL,
+    Gateway,
+    GatewayFactory,
+    SimFactory,
+    basic_config,
+)
 
 EXAMPLES = int(os.environ.get("PLATEFORME_FUZZ_EXAMPLES", "50"))
 REGISTRY_MODEL = "registry-target"  # replicas fuzzed here never serve the chat key's model
