@@ -78,7 +78,8 @@ def _cell(value: Any) -> str:
 def gateway_check(config: str = typer.Option(..., "--config", "-c", envvar="PLATEFORME_CONFIG",
                                              help="The YAML config file.")) -> None:
     """Validate a config file (and the environment) without starting anything."""
-    from gateway.config import ConfigError, load_catalog, load_settings
+    from gateway.config import load_catalog, load_settings
+    from gateway.errors import ConfigError
 
     try:
         catalog = load_catalog(config)
@@ -101,7 +102,8 @@ def gateway_serve(
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.config import ConfigError, check_admin_token, load_catalog, load_settings
+    from gateway.config import check_admin_token, load_catalog, load_settings
+    from gateway.errors import ConfigError
     from gateway.logs import configure_logging
 
     try:
@@ -124,7 +126,9 @@ def gateway_serve(
     os.environ["PLATEFORME_CONFIG"] = os.path.abspath(config)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one exporter view over all workers
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="plateforme-prom-")
-    uvicorn.run("gateway.serve:app_from_env", factory=True, workers=workers, **options)
+    from gateway.serve import run_workers
+
+    run_workers(workers, **options)
 
 
 # keys ---------------------------------------------------------------------------------
@@ -263,4 +267,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -148,9 +148,9 @@ class Catalog(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    routing: RoutingConfig = Field(default_factory=RoutingConfig)
-    server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = LimitsConfig()  # frozen: one shared default is safe
+    routing: RoutingConfig = RoutingConfig()
+    server: ServerConfig = ServerConfig()
 
     @field_validator("store")
     @classmethod

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,8 +23,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client import multiprocess
 
 LATENCY_BUCKETS_SECONDS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -62,7 +64,7 @@ class Metrics:
     def create(cls) -> Metrics:
         """A fresh registry per app, so two apps in one process (tests) never collide."""
         registry = CollectorRegistry(auto_describe=True)
-        live = "livesum"  # multiprocess gauge mode: sum over live workers
+        live: Literal["livesum"] = "livesum"  # multiprocess gauge mode: sum over live workers
         return cls(
             registry=registry,
             requests=Counter(
@@ -113,10 +115,44 @@ class Metrics:
         )
 
 
+def _forget_dead_workers(directory: str) -> None:
+    """Drop the `live*` gauge files of workers that no longer run.
+
+    prometheus-client keeps a worker's gauges until `mark_process_dead(pid)` is called, and
+    uvicorn's supervisor never calls it: a worker it killed and replaced (a crash, a missed
+    health check) would otherwise export its last replica health and store state forever,
+    under its dead pid, next to the live workers' values. Counters and histograms stay: what
+    a dead worker counted did happen.
+    """
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a killed worker is a zombie until its supervisor reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs here: ask the kernel whether the pid exists at all
+        try:
+            os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, under another user
+            pass
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
 def render(metrics: Metrics) -> tuple[bytes, str]:
     """The exposition text: this process's registry, or every worker's in multiprocess mode."""
-    if multiprocess_dir():
+    directory = multiprocess_dir()
+    if directory:
+        _forget_dead_workers(directory)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(metrics.registry), CONTENT_TYPE_LATEST

@@ -6,11 +6,21 @@ points every worker here with `PLATEFORME_CONFIG` set, so each worker builds its
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from gateway.app import create_app
-from gateway.config import ConfigError, load_catalog, load_settings, parse_catalog
+from gateway.config import load_catalog, load_settings, parse_catalog
+from gateway.errors import ConfigError
 from gateway.logs import configure_logging
+
+# uvicorn's supervisor pings each worker and kills one that has not answered within 5 s; a
+# worker answers only once its interpreter has started and imported the CLI, which on a busy
+# host (CI, a throttled container) takes longer, so workers were killed and respawned in a
+# loop and the gateway never came up. uvicorn >= 0.37 has `timeout_worker_healthcheck` for
+# this, but SkyPilot (the `sky` extra) pins uvicorn < 0.36.
+WORKER_HEALTHCHECK_TIMEOUT_SECONDS = 30.0
 
 
 def app_from_env() -> FastAPI:
@@ -23,4 +33,34 @@ def app_from_env() -> FastAPI:
     return create_app(settings, catalog)
 
 
-__all__ = ["app_from_env", "ConfigError"]
+def run_workers(workers: int, **options: Any) -> None:
+    """`uvicorn.run(..., workers=N)` with a patient supervisor; each worker builds its app
+    through `app_from_env`."""
+    from uvicorn import Config, Server
+    from uvicorn.supervisors import Multiprocess
+
+    class PatientSupervisor(Multiprocess):
+        """uvicorn's supervisor, waiting longer for a worker's health-check answer."""
+
+        def keep_subprocess_alive(self) -> None:
+            for index, process in enumerate(self.processes):
+                if self.should_exit.is_set():
+                    return
+                if process.is_alive(timeout=WORKER_HEALTHCHECK_TIMEOUT_SECONDS):
+                    continue
+                process.kill()  # dead, or hung for 30 s: replace it, as uvicorn does
+                process.join()
+                if self.should_exit.is_set():
+                    return
+                self.processes[index] = type(process)(self.config, self.target, self.sockets)
+                self.processes[index].start()
+
+    config = Config("gateway.serve:app_from_env", factory=True, workers=workers, **options)
+    server = Server(config=config)
+    try:
+        PatientSupervisor(config, target=server.run, sockets=[config.bind_socket()]).run()
+    except KeyboardInterrupt:
+        pass
+
+
+__all__ = ["ConfigError", "app_from_env", "run_workers"]

@@ -65,11 +65,11 @@ class TokenCounter:
         factory = {"mistral-v1": MistralTokenizer.v1, "mistral-v2": MistralTokenizer.v2,
                    "mistral-v3": MistralTokenizer.v3, "mistral-v7": MistralTokenizer.v7,
                    "tekken": lambda: MistralTokenizer.v3(is_tekken=True)}[name]
-        tokenizer = factory()
+        tokenizer = factory()  # type: ignore[no-untyped-call]
         raw = tokenizer.instruct_tokenizer.tokenizer
 
         def encode_chat(messages: Messages) -> int:
-            request = ChatCompletionRequest.model_validate({"messages": messages})
+            request: Any = ChatCompletionRequest.model_validate({"messages": messages})
             return len(tokenizer.encode_chat_completion(request).tokens)
 
         def encode_text(text: str) -> int:

@@ -152,9 +152,12 @@ async def list_replicas(request: Request, name: str) -> Response:
     svc = services(request)
     model = _model(svc, name)
     registered = {r.url for r in await svc.store.list_replicas() if r.model == model}
-    data = [{"url": r.url, "source": "config" if r.static else "registered",
+    data: list[dict[str, Any]] = [{"url": r.url, "source": "config" if r.static else "registered",
              "healthy": not r.ejected, "outstanding": r.outstanding,
-             "consecutive_failures": r.consecutive_failures}
+             "consecutive_failures": r.consecutive_failures,
+             # vLLM's own gauges as the router last scraped them (0 until a scrape)
+             "vllm_running": r.vllm_running, "vllm_waiting": r.vllm_waiting,
+             "kv_cache_usage": r.kv_cache_usage}
             for r in svc.pool.replicas(model)]
     known = {d["url"] for d in data}
     data += [{"url": url, "source": "registered", "healthy": None, "outstanding": 0,
