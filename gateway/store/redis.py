@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
@@ -60,6 +60,10 @@ def _limit(value: int | None) -> int:
     return -1 if value is None else value
 
 
+_OUTAGE_REPLIES = frozenset({"READONLY", "OOM", "LOADING", "MASTERDOWN", "BUSY", "TRYAGAIN",
+                             "CLUSTERDOWN", "NOREPLICAS", "MISCONF"})
+
+
 @asynccontextmanager
 async def _guard(what: str) -> AsyncIterator[None]:
     """Turn "the server cannot be reached" into StoreUnavailable; let real bugs through."""
@@ -67,6 +71,12 @@ async def _guard(what: str) -> AsyncIterator[None]:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreUnavailable(f"Redis store unavailable ({what}): {exc}") from exc
+    except ResponseError as exc:
+        # A server that cannot take writes right now (failover, memory full, loading) is an
+        # outage for the limit policy, not a gateway bug.
+        if str(exc).split(" ", 1)[0] in _OUTAGE_REPLIES:
+            raise StoreUnavailable(f"Redis store unavailable ({what}): {exc}") from exc
+        raise
 
 
 class RedisStore:
