@@ -9,7 +9,9 @@ count every request once, whichever worker served it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from tests.fixtures.procs import ADMIN_TOKEN, Gateway, GatewayFactory, Sim, SimF
 MODEL = "mistral-small"
 BROKEN = "mistral-tiny"  # served only by a replica that always answers 503
 SETTLE_TIMEOUT_SECONDS = 10.0  # settlement (token counters) runs in a background task
+WORKER_RESTART_TIMEOUT_SECONDS = 10.0
+WORKERS_START_TIMEOUT_SECONDS = 90.0  # two interpreters importing the gateway on two cores
 MESSAGES = [{"role": "user", "content": "Count the experts of a sparse mixture."}]
 
 
@@ -76,10 +80,10 @@ def scrape(gateway: Gateway) -> Scrape:
     return Scrape(response.text)
 
 
-def scrape_until(gateway: Gateway, ready: Any) -> Scrape:
+def scrape_until(gateway: Gateway, ready: Any, timeout: float = SETTLE_TIMEOUT_SECONDS) -> Scrape:
     """Scrape until `ready(scrape)` holds (background settlement, health probes) or time out;
     the last scrape is returned either way so the assertions show what was there."""
-    deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
+    deadline = time.monotonic() + timeout
     while True:
         result = scrape(gateway)
         if ready(result) or time.monotonic() > deadline:
@@ -231,7 +235,8 @@ def test_two_workers_merge_into_one_exposition(
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
     gateway = gateways(config_for(good_sim, broken_sim, tmp_path), workers=2,
-                       env={"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)})
+                       env={"PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
+                       start_timeout=WORKERS_START_TIMEOUT_SECONDS)
     key = gateway.create_key()["key"]
     usage = Usage()
     unary, streamed, refused = 24, 6, 4
@@ -269,6 +274,20 @@ def test_two_workers_merge_into_one_exposition(
         requests, route="chat", model=MODEL, status_class="2xx") for pid in pids}
     assert all(served.values()), served
     assert sum(served.values()) == unary + streamed
+
+    # a worker killed outright (as uvicorn's supervisor kills one that misses a health check):
+    # its counts stay in the totals, its gauges (replica health, store up) leave with it
+    killed = int(next(iter(pids)))
+    os.kill(killed, signal.SIGKILL)
+
+    def exported_pids(s: Scrape) -> set[int]:
+        return {int(x.labels["pid"]) for x in s.matching("plateforme_replica_healthy")}
+
+    s = scrape_until(gateway, lambda s: killed not in exported_pids(s),
+                     timeout=WORKER_RESTART_TIMEOUT_SECONDS)
+    assert killed not in exported_pids(s), "a dead worker's gauges are still exported"
+    assert s.value(requests, route="chat", model=MODEL, status_class="2xx") == unary + streamed
+    assert s.value("plateforme_tokens_total", model=MODEL, kind="completion") == usage.completion
 
 
 def test_no_secret_in_metrics_or_logs(
