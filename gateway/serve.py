@@ -6,6 +6,7 @@ points every worker here with `PLATEFORME_CONFIG` set, so each worker builds its
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +22,7 @@ from gateway.logs import configure_logging
 # loop and the gateway never came up. uvicorn >= 0.37 has `timeout_worker_healthcheck` for
 # this, but SkyPilot (the `sky` extra) pins uvicorn < 0.36.
 WORKER_HEALTHCHECK_TIMEOUT_SECONDS = 30.0
+HEALTHCHECK_POLL_SECONDS = 0.5
 
 
 def app_from_env() -> FastAPI:
@@ -39,17 +41,32 @@ def run_workers(workers: int, **options: Any) -> None:
     from uvicorn import Config, Server
     from uvicorn.supervisors import Multiprocess
 
+    answered: dict[int, float] = {}  # id(worker process) -> when it last answered a ping
+
     class PatientSupervisor(Multiprocess):
-        """uvicorn's supervisor, waiting longer for a worker's health-check answer."""
+        """uvicorn's supervisor, giving a silent worker 30 s instead of 5 before replacing it.
+
+        Each round still waits at most `HEALTHCHECK_POLL_SECONDS` per worker, so the loop
+        stays responsive to SIGTERM/SIGINT (one long blocking ping would delay shutdown,
+        and a supervisor killed meanwhile orphans its workers). A worker that exited is
+        replaced at once; one that runs but has not answered for the whole grace is killed.
+        """
 
         def keep_subprocess_alive(self) -> None:
             for index, process in enumerate(self.processes):
                 if self.should_exit.is_set():
                     return
-                if process.is_alive(timeout=WORKER_HEALTHCHECK_TIMEOUT_SECONDS):
+                now = time.monotonic()
+                last = answered.setdefault(id(process), now)
+                if process.is_alive(timeout=HEALTHCHECK_POLL_SECONDS):
+                    answered[id(process)] = now
                     continue
-                process.kill()  # dead, or hung for 30 s: replace it, as uvicorn does
+                if process.process.is_alive() and (
+                        now - last < WORKER_HEALTHCHECK_TIMEOUT_SECONDS):
+                    continue  # slow (starting up on a busy host), not dead
+                process.kill()  # dead, or silent for the whole grace: replace it
                 process.join()
+                answered.pop(id(process), None)
                 if self.should_exit.is_set():
                     return
                 self.processes[index] = type(process)(self.config, self.target, self.sockets)
