@@ -119,10 +119,12 @@ def auth(key: str) -> dict[str, str]:
 
 
 def chat(gateway: Gateway, key: str, usage: Usage | None = None, *, model: str = "small",
-         max_tokens: int = 5, headers: dict[str, str] | None = None) -> httpx.Response:
+         max_tokens: int = 5, headers: dict[str, str] | None = None,
+         **extra: Any) -> httpx.Response:
     response = httpx.post(f"{gateway.url}/v1/chat/completions",
                           headers={**auth(key), **(headers or {})}, timeout=30,
-                          json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens})
+                          json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
+                                **extra})
     if usage is not None and response.status_code == 200:
         usage.add(response.json()["usage"])
     return response
@@ -168,6 +170,9 @@ def test_counters_and_histograms_match_the_traffic(
     unary = [chat(gateway, key, usage, max_tokens=n) for n in (3, 5, 8, 13)]
     streams = [stream(gateway, key, usage, max_tokens=n) for n in (4, 6, 9)]
     within_rpm = [chat(gateway, limited, usage) for _ in range(2)]
+    # the guardrail system prompt: the upstream counts it in prompt_tokens, the gateway apart
+    guarded = Usage()
+    assert chat(gateway, key, guarded, safe_prompt=True).status_code == 200
     over_rpm = [chat(gateway, limited) for _ in range(3)]
     assert [r.status_code for r in unary + within_rpm] == [200] * 6
     assert [r.status_code for r in over_rpm] == [429] * 3
@@ -188,13 +193,13 @@ def test_counters_and_histograms_match_the_traffic(
 
     def settled(s: Scrape) -> bool:
         return (s.value("plateforme_tokens_total", model=MODEL, kind="completion")
-                == usage.completion
+                == usage.completion + guarded.completion
                 and s.value("plateforme_replica_healthy", model=BROKEN) == 0
                 and s.value("plateforme_replica_healthy", model=MODEL) == 1)
 
     s = scrape_until(gateway, settled)
     requests = "plateforme_requests_total"
-    assert s.value(requests, route="chat", model=MODEL, status_class="2xx") == 4 + 3 + 2
+    assert s.value(requests, route="chat", model=MODEL, status_class="2xx") == 4 + 3 + 2 + 1
     assert s.value(requests, route="chat", model=MODEL, status_class="4xx") == 3
     assert s.value(requests, route="chat", model=MODEL, status_class="5xx") == 0
     assert s.value(requests, route="chat", model="", status_class="4xx") == 4
@@ -202,7 +207,7 @@ def test_counters_and_histograms_match_the_traffic(
     assert s.value(requests, route="models", status_class="2xx") == 1
 
     duration = "plateforme_request_duration_seconds_count"
-    assert s.value(duration, model=MODEL, stream="false") == 4 + 2 + 3  # the 429s took time too
+    assert s.value(duration, model=MODEL, stream="false") == 4 + 2 + 1 + 3  # 429s took time too
     assert s.value(duration, model=MODEL, stream="true") == 3
     assert s.value("plateforme_request_duration_seconds_bucket", model=MODEL, stream="true",
                    le="+Inf") == 3
@@ -212,9 +217,16 @@ def test_counters_and_histograms_match_the_traffic(
     assert s.value("plateforme_time_to_first_token_seconds_count", model=BROKEN) == 0
 
     assert usage.prompt > 0 and usage.completion == 3 + 5 + 8 + 13 + 4 + 6 + 9 + 5 + 5
-    assert s.value("plateforme_tokens_total", model=MODEL, kind="prompt") == usage.prompt
-    assert s.value("plateforme_tokens_total", model=MODEL, kind="completion") == usage.completion
-    assert s.value("plateforme_tokens_total", kind="guardrail") == 0  # no safe_prompt asked
+    tokens = "plateforme_tokens_total"
+    guardrail = s.value(tokens, model=MODEL, kind="guardrail")
+    # (the simulator counts prompt tokens more crudely than the gateway's Mistral tokenizer,
+    # so here the guardrail's share may be the whole of that request's prompt)
+    assert 0 < guardrail <= guarded.prompt
+    assert (s.value(tokens, model=MODEL, kind="prompt") + guardrail
+            == usage.prompt + guarded.prompt)
+    assert (s.value(tokens, model=MODEL, kind="completion")
+            == usage.completion + guarded.completion)
+    assert s.value("plateforme_moderation_total", model=MODEL, outcome="guardrail") == 1
     assert s.value("plateforme_tokens_total", model=BROKEN) == 0
 
     assert s.value("plateforme_rate_limited_total", model=MODEL, limit="requests") == 3
@@ -227,7 +239,7 @@ def test_counters_and_histograms_match_the_traffic(
     assert s.value("plateforme_replica_healthy", model=MODEL, replica=good_sim.url) == 1
     assert s.value("plateforme_replica_healthy", model=BROKEN, replica=broken_sim.url) == 0
     assert s.value("plateforme_store_up") == 1
-    assert s.value("plateforme_store_latency_seconds_count", op="admit") == 4 + 3 + 2 + 3 + 4
+    assert s.value("plateforme_store_latency_seconds_count", op="admit") == 4 + 3 + 2 + 1 + 3 + 4
 
 
 def test_two_workers_merge_into_one_exposition(
