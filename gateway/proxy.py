@@ -36,6 +36,9 @@ log = logging.getLogger("plateforme.proxy")
 CHAT_PATH = "/v1/chat/completions"
 _SSE_SEP = b"\n\n"
 _DONE = b"data: [DONE]"
+# vLLM's opening (role) and closing (finish_reason) chunks carry no generated token.
+_EMPTY_DELTA = b'"delta":{}'
+_ROLE_ONLY = b'"content":""'
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +254,9 @@ class _Relay:
                             continue
                         obj.pop("usage", None)
                         event = b"data: " + orjson.dumps(obj)
-            elif not event.startswith(_DONE):
-                self._chunks += 1
+            elif not event.startswith(_DONE) and _EMPTY_DELTA not in event \
+                    and _ROLE_ONLY not in event:
+                self._chunks += 1  # a generated token: the fallback count if usage never comes
             out.append(event + _SSE_SEP)
         return b"".join(out)
 
