@@ -1,40 +1,49 @@
-"""End-to-end fixtures: a real vLLM server on this machine's CPU serving the tiny Mixtral.
-
-``vllm_endpoint`` is session-scoped: one vLLM start (~40–45 s, ~1.5 GB) serves every test that
-asks for it. It is started exactly as the local launcher would, through
-``deploy.vllm_local.build_command`` on the ``small`` tier's spec envs, so the test exercises the
-same flags (tokenizer mode mistral, prefix caching, served model name) as production.
-
-A missing vLLM virtualenv fails the tests with the command that builds it, never skips them:
-CI builds it first (``scripts/test-vllm.sh``), and a silent skip would hide a broken CI.
-"""
-
 from __future__ import annotations
 
+import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-import httpx
 import pytest
 import yaml
 
 from deploy import vllm_local
+from deploy.errors import DeployError
+from deploy.local_launcher import LocalLauncher
+from tests.fixtures.procs import ADMIN_TOKEN, Gateway, GatewayFactory, basic_config, stop
 
 SPEC_PATH = vllm_local.REPO_ROOT / "sky" / "small.yaml"
 BUILD_MODEL_SCRIPT = vllm_local.REPO_ROOT / "scripts" / "build_tiny_mixtral.py"
+PLATEFORME = str(Path(sys.executable).with_name("plateforme"))
+TIER = "small"
+GATEWAY_MODEL = "mistral-small"
+VLLM_API_KEY = "e2e-replica-key-0123456789abcdef"  # vLLM's --api-key, passed in its env
 STARTUP_TIMEOUT_SECONDS = 240.0
+CLI_GRACE_SECONDS = 60.0  # the deploy CLI's own start-up and registration, beyond vLLM's
 BUILD_TIMEOUT_SECONDS = 300.0
-STOP_TIMEOUT_SECONDS = 20.0
-POLL_INTERVAL_SECONDS = 0.5
 LOG_TAIL_CHARS = 4000
+DEFAULT_MAX_TOKENS = 64
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "runs_last: stops the session's shared vLLM server; ordered after the rest")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``runs_last`` tests right after the last other ``vllm`` test: they stop the shared
+    server, which then holds no memory while the rest of the suite runs."""
+    last = [item for item in items if item.get_closest_marker("runs_last")]
+    rest = [item for item in items if not item.get_closest_marker("runs_last")]
+    after = [n + 1 for n, item in enumerate(rest) if item.get_closest_marker("vllm")]
+    at = after[-1] if after else len(rest)
+    items[:] = [*rest[:at], *last, *rest[at:]]
 
 
 class VllmEndpoint(NamedTuple):
@@ -47,19 +56,44 @@ class VllmServer:
     """What the session knows about the running server, for tests that look deeper."""
 
     endpoint: VllmEndpoint
-    process: subprocess.Popen[bytes]
+    pid: int
     log_path: Path
     model_path: Path
-    startup_seconds: float
+    max_model_len: int       # the gateway's context_window for the model: the same number
+    startup_seconds: float   # `deploy up` from launch to registered
+    api_key: str = VLLM_API_KEY
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"}
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class VllmPlatform:
+    """The gateway with the session's vLLM registered by `plateforme deploy up --local`."""
+
+    server: VllmServer
+    gateway: Gateway
+    state_dir: Path
+
+    def deploy(self, *args: str, timeout: float = CLI_GRACE_SECONDS
+               ) -> subprocess.CompletedProcess[str]:
+        """``plateforme deploy ARGS --gateway-url ... --state-dir ...``, as typed in a shell."""
+        return run_deploy(args, self.gateway, self.state_dir, timeout)
+
+
+def run_deploy(args: tuple[str, ...], gateway: Gateway, state_dir: Path, timeout: float
+               ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PLATEFORME_URL", "PLATEFORME_DEPLOY_STATE_DIR", "PLATEFORME_SKY_DIR")}
+    env.update(PLATEFORME_ADMIN_TOKEN=ADMIN_TOKEN, VLLM_API_KEY=VLLM_API_KEY)
+    return subprocess.run(
+        [PLATEFORME, "deploy", *args, "--gateway-url", gateway.url, "--state-dir", str(state_dir)],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=vllm_local.REPO_ROOT)
 
 
 def _tail(path: Path) -> str:
@@ -67,18 +101,6 @@ def _tail(path: Path) -> str:
         return path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
     except OSError:
         return "(no log)"
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, then SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=STOP_TIMEOUT_SECONDS)
 
 
 def _vllm_python_or_fail() -> Path:
@@ -103,55 +125,64 @@ def _build_tiny_model(python: Path) -> Path:
     return vllm_local.tiny_model_path()
 
 
-def _wait_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
-    """Poll /v1/models until it answers 200; fail with the log if vLLM dies or is too slow."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-    with httpx.Client(base_url=base_url, timeout=5.0) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM exited with {process.returncode} during start-up; log tail:\n"
-                            f"{_tail(log_path)}", pytrace=False)
-            try:
-                if client.get("/v1/models").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(POLL_INTERVAL_SECONDS)
-    pytest.fail(f"vLLM not ready after {STARTUP_TIMEOUT_SECONDS:.0f} s; log tail:\n"
-                f"{_tail(log_path)}", pytrace=False)
+def context_window(spec_envs: dict[str, str], model_path: Path) -> int:
+    """vLLM's max_model_len for the tiny model: the spec's, capped at its position embeddings."""
+    config = json.loads((model_path / "config.json").read_text())
+    return min(int(spec_envs["MAX_MODEL_LEN"]), int(config["max_position_embeddings"]))
+
+
+def gateway_config(served_model: str, window: int, store: str) -> dict[str, Any]:
+    """`mistral-small` on the served name, counted with Mixtral's tokenizer, no static replica."""
+    model = {"aliases": ["small", "open-mixtral-8x7b"], "upstream_model": served_model,
+             "replicas": [], "context_window": window, "default_max_tokens": DEFAULT_MAX_TOKENS,
+             "tokenizer": "mistral-v1", "replica_api_key_env": "VLLM_API_KEY"}
+    return basic_config([], store, models={GATEWAY_MODEL: model})
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
-    """A real vLLM (CPU) serving the tiny Mixtral under the small tier's model name."""
+def vllm_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPlatform]:
+    """A gateway, and a real vLLM (CPU) for ``small`` started and registered by `deploy up`."""
     python = _vllm_python_or_fail()
     model_path = _build_tiny_model(python)
-
     spec_envs = {k: str(v) for k, v in yaml.safe_load(SPEC_PATH.read_text())["envs"].items()}
-    port = _free_port()
-    argv, extra_env = vllm_local.build_command(spec_envs, port, model_path=str(model_path))
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        log.write(f"$ {vllm_local.launch_summary(argv, extra_env)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(
-            argv, env={**os.environ, **extra_env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, cwd=vllm_local.REPO_ROOT,
-        )
-    base_url = f"http://127.0.0.1:{port}"
+    window = context_window(spec_envs, model_path)
+    state_dir = tmp_path_factory.mktemp("vllm-deploy")
+    gateways = GatewayFactory(tmp_path_factory.mktemp("vllm-gateway"))
     try:
-        _wait_ready(process, base_url, log_path)
+        gateway = gateways(gateway_config(spec_envs["MODEL_ID"], window,
+                                          f"sqlite:///{state_dir / 'gateway.db'}"),
+                           env={"VLLM_API_KEY": VLLM_API_KEY})
+        started = time.monotonic()
+        up = run_deploy((("up", TIER, "--local", "--engine", "vllm",
+                          "--wait-timeout", str(STARTUP_TIMEOUT_SECONDS))),
+                        gateway, state_dir, STARTUP_TIMEOUT_SECONDS + CLI_GRACE_SECONDS)
+        if up.returncode != 0:
+            pytest.fail(f"`plateforme deploy up {TIER} --local --engine vllm` failed "
+                        f"({up.returncode}):\n{up.stdout}\n{up.stderr}\nvLLM log tail:\n"
+                        f"{_tail(state_dir / f'{TIER}.log')}", pytrace=False)
+        state = json.loads((state_dir / f"{TIER}.json").read_text())
         server = VllmServer(
-            endpoint=VllmEndpoint(base_url, spec_envs["MODEL_ID"]),
-            process=process, log_path=log_path, model_path=model_path,
-            startup_seconds=time.monotonic() - started,
-        )
-        print(f"\nvLLM ready at {base_url} in {server.startup_seconds:.1f} s (log {log_path})",
-              file=sys.stderr)
-        yield server
+            endpoint=VllmEndpoint(state["url"], spec_envs["MODEL_ID"]), pid=state["pid"],
+            log_path=Path(state["log"]), model_path=model_path, max_model_len=window,
+            startup_seconds=time.monotonic() - started)
+        print(f"\nvLLM up and registered at {server.endpoint.base_url} in "
+              f"{server.startup_seconds:.1f} s (log {server.log_path})", file=sys.stderr)
+        yield VllmPlatform(server, gateway, state_dir)
     finally:
-        _stop(process)
+        launcher = LocalLauncher(state_dir=state_dir, engine="vllm")
+        if launcher.read_state(TIER) is not None:  # not already taken down by a test
+            try:
+                launcher.down(TIER)
+            except DeployError as exc:
+                print(f"stopping vLLM: {exc}", file=sys.stderr)
+        for started_gateway in gateways.started:
+            stop(started_gateway.proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_platform: VllmPlatform) -> VllmServer:
+    """The session's real vLLM server (CPU, tiny Mixtral under the small tier's model name)."""
+    return vllm_platform.server
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A real vLLM (CPU, tiny random Mixtral, Mistral tokenizer mode) answers as the gateway needs.
 
-These talk to vLLM directly; the gateway-in-front version builds on the same ``vllm_endpoint``
-fixture. Health checks prove nothing on CPU (a bad head_dim passes /health and dies on the first
+These talk to vLLM directly (test_vllm_gateway.py puts the gateway in front of the same
+session server). Health checks prove nothing on CPU (a bad head_dim passes /health and dies on the first
 request), so every test sends real generation requests. Temperature 0 in float32 is greedy and
 deterministic, and ``ignore_eos`` fixes the completion length, so the assertions are exact.
 """
@@ -40,8 +40,10 @@ REQUIRED_VLLM_GAUGES = (
 
 
 @pytest.fixture
-def client(vllm_endpoint: VllmEndpoint) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=vllm_endpoint.base_url, timeout=REQUEST_TIMEOUT_SECONDS) as c:
+def client(vllm_server: VllmServer) -> Iterator[httpx.Client]:
+    """Straight to vLLM, with the replica API key it was started with."""
+    with httpx.Client(base_url=vllm_server.endpoint.base_url, headers=vllm_server.headers,
+                      timeout=REQUEST_TIMEOUT_SECONDS) as c:
         yield c
 
 
@@ -72,10 +74,19 @@ def mistral_v1_prompt_tokens(text: str) -> int:
 
 
 def test_models_lists_the_spec_model_name(client: httpx.Client,
-                                          vllm_endpoint: VllmEndpoint) -> None:
+                                          vllm_server: VllmServer) -> None:
     response = client.get("/v1/models")
     assert response.status_code == 200
-    assert [m["id"] for m in response.json()["data"]] == [vllm_endpoint.served_model_name]
+    [model] = response.json()["data"]
+    assert model["id"] == vllm_server.endpoint.served_model_name
+    # the gateway's context_window for the model is the same number
+    assert model["max_model_len"] == vllm_server.max_model_len
+
+
+def test_replica_api_key_is_required(vllm_endpoint: VllmEndpoint) -> None:
+    """As in the cloud, vLLM answers only requests carrying VLLM_API_KEY."""
+    response = httpx.get(f"{vllm_endpoint.base_url}/v1/models", timeout=REQUEST_TIMEOUT_SECONDS)
+    assert response.status_code == 401
 
 
 def test_chat_completion_is_real_greedy_and_counted(client: httpx.Client,
