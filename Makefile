@@ -14,3 +14,14 @@ test: bootstrap
 
 vllm-test: bootstrap
 	PLATEFORME_VLLM_VENV=$${PLATEFORME_VLLM_VENV:-$$HOME/.cache/plateforme/vllm-venv} PYTHON=.venv/bin/python scripts/test-vllm.sh
+
+# The gateway's own cost against calling the upstream directly (needs wrk; nginx-light for
+# the static upstream, else the simulator stands in). BENCH_ARGS=--profile adds a py-spy
+# breakdown (.venv/bin/pip install py-spy).
+bench: bootstrap
+	scripts/ensure-redis.sh
+	.venv/bin/python bench/gateway_bench.py $(BENCH_ARGS)
+
+bench-smoke: bootstrap
+	scripts/ensure-redis.sh
+	.venv/bin/python bench/gateway_bench.py --smoke

@@ -37,9 +37,9 @@ import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import profile  # noqa: E402
-from bench import upstream as static  # noqa: E402
-from bench.wrk import WrkResult, run_wrk  # noqa: E402
+from bench import profile
+from bench import upstream as static
+from bench.wrk import WrkResult, run_wrk
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
@@ -151,6 +151,20 @@ def spawn_gateway(tmp: Path, config: dict[str, Any], cpus: str,
     return f"http://127.0.0.1:{port}", proc, log
 
 
+def start_minimal_proxy(tmp: Path, up: static.StaticUpstream, cpus: str) -> Gateway:
+    port = free_port()
+    log = tmp / f"minimal-{port}.log"
+    env = {**os.environ, "BENCH_UPSTREAM_JSON": up.json_url, "BENCH_UPSTREAM_SSE": up.sse_url}
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpus, sys.executable, "-m", "uvicorn", "bench.minimal_proxy:app",
+         "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+         "--log-level", "warning"], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(f"{url}/health", proc, log)
+    return Gateway(url, proc, "unused")
+
+
 def start_gateways(tmp: Path, config: dict[str, Any],
                    specs: list[tuple[str, int]]) -> list[Gateway]:
     """Start gateways (cpus, workers) at once (tokenizers take seconds to load), then issue
@@ -242,7 +256,7 @@ FULL = Plan(rounds=3, seconds=6.0, idle_seconds=3.0, connections=16, ttfb_reques
 SMOKE = Plan(rounds=1, seconds=1.0, idle_seconds=1.0, connections=4, ttfb_requests=10)
 
 
-def measure(plan: Plan, gw: Gateway, gw2: Gateway, up: static.StaticUpstream,
+def measure(plan: Plan, gw: Gateway, gw2: Gateway, mini: Gateway, up: static.StaticUpstream,
             tmp: Path, wrk_cpu: str) -> dict[str, Any]:
     """Every measurement, alternating direct and gateway within each round."""
     direct_json = chat_body(static.UPSTREAM_MODEL, False)
@@ -264,17 +278,21 @@ def measure(plan: Plan, gw: Gateway, gw2: Gateway, up: static.StaticUpstream,
     for _ in range(plan.rounds):
         record("direct_json", None, up.json_url, direct_json, c, plan.seconds)
         record("gateway_json", gw, gw.url, gw_json, c, plan.seconds)
+        record("minimal_json", mini, mini.url, direct_json, c, plan.seconds)
         record("direct_sse", None, up.sse_url, direct_sse, c, plan.seconds)
         record("gateway_sse", gw, gw.url, gw_sse, c, plan.seconds)
+        record("minimal_sse", mini, mini.url, direct_sse, c, plan.seconds)
         record("direct_idle", None, up.json_url, direct_json, 1, plan.idle_seconds)
         record("gateway_idle", gw, gw.url, gw_json, 1, plan.idle_seconds)
+        record("minimal_idle", mini, mini.url, direct_json, 1, plan.idle_seconds)
         record("gateway2_json", gw2, gw2.url, gw_json, c, plan.seconds)
         record("gateway1_json", gw, gw.url, gw_json, c, plan.seconds)
-    ttfb: dict[str, list[float]] = {"direct": [], "gateway": []}
+    ttfb: dict[str, list[float]] = {"direct": [], "gateway": [], "minimal": []}
     ttfb_once(gw.url, gw_sse, gw.key)  # warm
     for _ in range(plan.ttfb_requests):
         ttfb["direct"].append(ttfb_once(up.sse_url, direct_sse, None))
         ttfb["gateway"].append(ttfb_once(gw.url, gw_sse, gw.key))
+        ttfb["minimal"].append(ttfb_once(mini.url, direct_sse, None))
     return {"runs": runs, "cpu": cpu, "ttfb": ttfb}
 
 
@@ -300,6 +318,8 @@ def summarize(m: dict[str, Any], upstream_kind: str) -> dict[str, float | str]:
         "json_p99_direct_ms": p("direct_json", "p99_ms"),
         "json_p99_gateway_ms": p("gateway_json", "p99_ms"),
         "json_cpu_ms": med(cpu["gateway_json"]),
+        "minimal_json_cpu_ms": med(cpu["minimal_json"]), "minimal_json_rps": rps("minimal_json"),
+        "minimal_sse_cpu_ms": med(cpu["minimal_sse"]), "minimal_sse_rps": rps("minimal_sse"),
         "sse_rps_direct": rps("direct_sse"), "sse_rps_gateway": rps("gateway_sse"),
         "sse_p50_direct_ms": p("direct_sse", "p50_ms"),
         "sse_p50_gateway_ms": p("gateway_sse", "p50_ms"),
@@ -309,6 +329,8 @@ def summarize(m: dict[str, Any], upstream_kind: str) -> dict[str, float | str]:
         "idle_p50_direct_ms": p("direct_idle", "p50_ms"),
         "idle_p50_gateway_ms": p("gateway_idle", "p50_ms"),
         "idle_cpu_ms": med(cpu["gateway_idle"]),
+        "minimal_idle_p50_ms": p("minimal_idle", "p50_ms"),
+        "ttfb_p50_minimal_ms": med(ttfb["minimal"]) * 1e3,
         "ttfb_p50_direct_ms": med(ttfb["direct"]) * 1e3,
         "ttfb_p50_gateway_ms": med(ttfb["gateway"]) * 1e3,
         "w1_rps": rps("gateway1_json"), "w2_rps": rps("gateway2_json"),
@@ -330,8 +352,8 @@ def table(s: dict[str, Any], plan: Plan) -> str:
     scaling = s["w2_rps"] / s["w1_rps"] if s["w1_rps"] else float("nan")
     cpu_scaling = 2 * s["w1_cpu_ms"] / s["w2_cpu_ms"] if s["w2_cpu_ms"] else float("nan")
     lines = [
-        f"upstream: {s['upstream']}; wrk -c{plan.connections}, {plan.rounds} round(s) of "
-        f"{plan.seconds:g} s, medians; gateway: 1 worker on core 0, wrk on core 1",
+        (f"upstream: {s['upstream']}; wrk -c{plan.connections}, {plan.rounds} round(s) of "
+         f"{plan.seconds:g} s, medians; gateway: 1 worker on core 0, wrk on core 1"),
         "",
         "| measure | direct | gateway | gateway vs direct | target |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -343,6 +365,9 @@ def table(s: dict[str, Any], plan: Plan) -> str:
             f"+{s['json_p99_gateway_ms'] - s['json_p99_direct_ms']:.2f} ms", ""),
         row("gateway CPU ms / non-stream request", None, s["json_cpu_ms"], "",
             f"<= 1.0: {met(s['json_cpu_ms'] <= 1.0)}"),
+        row("reference: minimal aiohttp proxy CPU ms / request", None,
+            s["minimal_json_cpu_ms"], f"gateway {s['json_cpu_ms'] / s['minimal_json_cpu_ms']:.1f}x",
+            ""),
         row("20-chunk stream requests/s", s["sse_rps_direct"], s["sse_rps_gateway"],
             f"{s['sse_rps_gateway'] / s['sse_rps_direct']:.2f}x", ""),
         row("stream p50 ms", s["sse_p50_direct_ms"], s["sse_p50_gateway_ms"],
@@ -351,18 +376,30 @@ def table(s: dict[str, Any], plan: Plan) -> str:
             f"+{s['sse_p99_gateway_ms'] - s['sse_p99_direct_ms']:.2f} ms", ""),
         row("gateway CPU ms / stream", None, s["sse_cpu_ms"], "",
             f"<= 3.0: {met(s['sse_cpu_ms'] <= 3.0)}"),
+        row("reference: minimal aiohttp proxy CPU ms / stream", None,
+            s["minimal_sse_cpu_ms"], f"gateway {s['sse_cpu_ms'] / s['minimal_sse_cpu_ms']:.1f}x",
+            ""),
         row("idle p50 ms (one at a time)", s["idle_p50_direct_ms"], s["idle_p50_gateway_ms"],
             f"+{idle_added:.2f} ms", f"<= +1.0: {met(idle_added <= 1.0)}"),
-        row("gateway CPU ms / idle request", None, s["idle_cpu_ms"], "", ""),
+        row("reference: minimal aiohttp proxy idle p50 ms", s["idle_p50_direct_ms"],
+            s["minimal_idle_p50_ms"], f"+{s['minimal_idle_p50_ms'] - s['idle_p50_direct_ms']:.2f} ms",
+            ""),
+        row("gateway CPU ms / idle request (incl. background tasks)", None, s["idle_cpu_ms"],
+            "", ""),
         row("stream time to first byte p50 ms", s["ttfb_p50_direct_ms"],
             s["ttfb_p50_gateway_ms"], f"+{ttfb_added:.2f} ms",
             f"<= +1.0: {met(ttfb_added <= 1.0)}"),
+        row("reference: minimal aiohttp proxy TTFB p50 ms", s["ttfb_p50_direct_ms"],
+            s["ttfb_p50_minimal_ms"],
+            f"+{s['ttfb_p50_minimal_ms'] - s['ttfb_p50_direct_ms']:.2f} ms", ""),
         row("requests/s, 1 worker (core 0)", None, s["w1_rps"], "1.00x", ""),
         row("requests/s, 2 workers (cores 0-1, shared with wrk)", None, s["w2_rps"],
             f"{scaling:.2f}x", f">= 1.8x: {met(scaling >= 1.8)} (see note)"),
         row("gateway CPU ms / request, 1 vs 2 workers", s["w1_cpu_ms"], s["w2_cpu_ms"],
             f"{cpu_scaling:.2f}x capacity", ""),
         "",
+        "reference: the smallest Starlette + aiohttp proxy, same core, same run: on a busy",
+        "machine CPU per request inflates for every process alike; the ratio is the features.",
         "note: with 2 cores, wrk and nginx share core 1 with the second worker, so the measured",
         "2-worker throughput understates scaling; 'capacity' = 2 x CPU/request(1 worker) /",
         "CPU/request(2 workers) is what two free cores would give if per-request cost holds.",
@@ -402,6 +439,8 @@ def main() -> None:
             config = gateway_config(up, store)
             gw, gw2 = start_gateways(tmp, config, [(gw_cpu, 1), ("0,1" if two else "0", 2)])
             procs += [gw.proc, gw2.proc]
+            mini = start_minimal_proxy(tmp, up, gw_cpu)
+            procs.append(mini.proc)
             if args.profile or args.only_profile:
                 for name, model, stream in (("json", "bench-json", False),
                                             ("sse", "bench-sse", True)):
@@ -410,7 +449,7 @@ def main() -> None:
                     print(f"## profile: gateway, {name} requests\n{profile.breakdown(out)}\n")
             if args.only_profile:
                 return
-            measured = measure(plan, gw, gw2, up, tmp, load_cpu)
+            measured = measure(plan, gw, gw2, mini, up, tmp, load_cpu)
             for proc in reversed(procs):
                 stop(proc)
         summary = summarize(measured, up.kind)

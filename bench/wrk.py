@@ -52,7 +52,7 @@ def run_wrk(tmp: Path, url: str, body: bytes, key: str | None, connections: int,
     out = subprocess.run(
         ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
          "--timeout", "10s", "-s", str(script), f"{url}/v1/chat/completions"],
-        capture_output=True, text=True, timeout=duration + 60)
+        capture_output=True, text=True, timeout=duration + 60, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
     if line is None:
         raise RuntimeError(f"wrk printed no result:\n{out.stdout}\n{out.stderr}")
