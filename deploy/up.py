@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,13 +101,28 @@ def _dev_key(admin: AdminClient, state_dir: Path) -> str:
     return str(created["key"])
 
 
+def python_command() -> str:
+    """The interpreter to print in the Python example: this one, which has `plateforme_client`.
+
+    After `make up` the venv is not activated: the `python` on PATH is another interpreter
+    without the client, or none at all (Debian ships only `python3`). So the example says
+    `python` only when that is this interpreter, else this one's path (relative when short).
+    """
+    exe = os.path.abspath(sys.executable)
+    on_path = shutil.which("python")
+    if on_path is not None and os.path.abspath(on_path) == exe:
+        return "python"
+    relative = os.path.relpath(exe)
+    return shlex.quote(relative if not relative.startswith("..") else exe)
+
+
 def examples(base_url: str, key: str) -> str:
     body = '{"model": "small", "messages": [{"role": "user", "content": "Hello!"}]}'
     return (
         f"  curl {base_url}/v1/chat/completions \\\n"
         f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
         f"    -d '{body}'\n\n"
-        f"  python -c 'from plateforme_client import Client; "
+        f"  {python_command()} -c 'from plateforme_client import Client; "
         f"print(Client(api_key=\"{key}\", base_url=\"{base_url}\").chat(model=\"small\", "
         f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)'"
     )
@@ -117,10 +134,8 @@ def run_up(*, config: str | None, port: int, state_dir: str, engine: str) -> Non
     state = Path(state_dir).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     config_path = Path(config) if config else state / f"config.{engine}.yaml"
-    if not config:
-        if not config_path.exists():
-            config_path.write_text(yaml.safe_dump(default_config(state, engine),
-                                                  sort_keys=False))
+    if not config and not config_path.exists():
+        config_path.write_text(yaml.safe_dump(default_config(state, engine), sort_keys=False))
     catalog = yaml.safe_load(config_path.read_text()) or {}
     admin_token = _secret_file(state / "admin_token", lambda: secrets.token_urlsafe(32))
     base_url = f"http://127.0.0.1:{port}"

@@ -53,7 +53,7 @@ class Up:
     def wait_until_up(self) -> str:
         """The banner, once the whole of it (through the Python example) is printed."""
         deadline = time.monotonic() + UP_TIMEOUT_SECONDS
-        while not any(line.lstrip().startswith("python ") for line in self.lines):
+        while not any("from plateforme_client import" in line for line in self.lines):
             if self.proc.poll() is not None:
                 time.sleep(0.2)  # let the reader drain the last lines
                 pytest.fail(f"plateforme up exited with {self.proc.returncode}:\n{self.output}")
@@ -115,10 +115,13 @@ def curl_example(output: str) -> str:
 
 
 def python_example(output: str) -> str:
-    """The printed Python one-liner, with its leading `python` replaced by this venv's."""
+    """The printed Python one-liner; a leading bare `python` (printed when that is the venv's
+    own, i.e. the venv is active) becomes this venv's interpreter, anything else runs as is."""
     line = next(line.strip() for line in output.splitlines()
-                if line.lstrip().startswith("python "))
-    return shlex.quote(sys.executable) + line[len("python"):]
+                if " -c 'from plateforme_client import" in line)
+    if line.startswith("python "):
+        return shlex.quote(sys.executable) + line[len("python"):]
+    return line
 
 
 def run_shell(command: str) -> subprocess.CompletedProcess[str]:
