@@ -1,5 +1,5 @@
 # The two commands a new user runs: `make up` (the platform, locally) and `make test`.
-.PHONY: up test bench bench-smoke soak vllm-test bootstrap
+.PHONY: up test bench bench-smoke soak fuzz vllm-test bootstrap
 
 bootstrap:
 	scripts/bootstrap.sh
@@ -25,3 +25,11 @@ bench: bootstrap
 bench-smoke: bootstrap
 	scripts/ensure-redis.sh
 	.venv/bin/python bench/gateway_bench.py --smoke
+
+# The long forms of the reliability tests (CI runs them short): a 5-minute soak through two
+# gateways, and thousands of schema-generated cases per route.
+soak:
+	PLATEFORME_SOAK_SECONDS=$${PLATEFORME_SOAK_SECONDS:-300} .venv/bin/pytest tests/integration/test_soak.py
+
+fuzz:
+	PLATEFORME_FUZZ_EXAMPLES=$${PLATEFORME_FUZZ_EXAMPLES:-2000} .venv/bin/pytest tests/integration/test_fuzz.py
