@@ -303,8 +303,19 @@ def test_two_workers_merge_into_one_exposition(
 
 
 def test_no_secret_in_metrics_or_logs(
-        gateways: GatewayFactory, good_sim: Sim, broken_sim: Sim, tmp_path: Path) -> None:
-    gateway = gateways(config_for(good_sim, broken_sim, tmp_path))
+        gateways: GatewayFactory, sims: SimFactory, good_sim: Sim, broken_sim: Sim,
+        tmp_path: Path) -> None:
+    # replicas guarded by a vLLM --api-key: the gateway's own upstream secret must not leak
+    # either, not even when a replica refuses it
+    replica_key, wrong_replica_key = "vllm-replica-secret-" + "k" * 24, "wrong-replica-" + "w" * 24
+    keyed = sims("keyed-model", "--api-key", replica_key)
+    config = config_for(good_sim, broken_sim, tmp_path)
+    for name, env_name in (("keyed", "TEST_REPLICA_KEY"), ("miskeyed", "TEST_WRONG_KEY")):
+        config["models"][name] = {"upstream_model": "keyed-model", "replicas": [keyed.url],
+                                  "replica_api_key_env": env_name}
+        config["plans"]["beta"]["models"].append(name)
+    gateway = gateways(config, env={"TEST_REPLICA_KEY": replica_key,
+                                    "TEST_WRONG_KEY": wrong_replica_key})
     created = [gateway.create_key() for _ in range(2)]
     revoked = gateway.create_key(rpm=1)
     key, other = (c["key"] for c in created)
@@ -322,6 +333,8 @@ def test_no_secret_in_metrics_or_logs(
     assert chat(gateway, unknown).status_code == 401
     assert chat(gateway, truncated).status_code == 401
     assert chat(gateway, key, model="tiny").status_code == 502               # upstream error
+    assert chat(gateway, key, usage, model="keyed").status_code == 200
+    assert chat(gateway, key, model="miskeyed").status_code == 502   # replica refuses its key
     httpx.post(f"{gateway.url}/v1/chat/completions", timeout=10,
                headers={"Authorization": key, "Content-Type": "application/json"},
                content=b'{"model": "small", "messages": [{"role": "user", "content": "' +
@@ -343,14 +356,15 @@ def test_no_secret_in_metrics_or_logs(
     assert len(access) >= 12, logs[-2000:]  # the traffic above was logged, one line each
     assert {line["status"] for line in access} >= {200, 401, 404, 429, 502}
     served = [line for line in access if line["route"] == "chat" and line["status"] == 200]
-    assert len(served) == 4 and sum(bool(line.get("stream")) for line in served) == 1
+    assert len(served) == 5 and sum(bool(line.get("stream")) for line in served) == 1
     for line in served:  # what the operator needs from one line, streams included
-        assert line["model"] == MODEL and line["replica"] == good_sim.url, line
+        assert line["replica"] == (keyed.url if line["model"] == "keyed" else good_sim.url)
         assert line["completion_tokens"] > 0 and line["prompt_tokens"] > 0, line
         assert line["request_id"] and line["latency_ms"] > 0, line
     assert sum(line["completion_tokens"] for line in served) == usage.completion
 
-    secrets = {key, other, revoked["key"], unknown, truncated, ADMIN_TOKEN}
+    secrets = {key, other, revoked["key"], unknown, truncated, ADMIN_TOKEN, replica_key,
+               wrong_replica_key}
     secrets |= {k.split("_", 2)[2] for k in (key, other, revoked["key"])}  # the secret parts
     for secret in secrets:
         assert secret not in scraped.text, "a secret appears in /metrics"
