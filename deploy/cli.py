@@ -251,13 +251,16 @@ def up(
     state_dir: str = typer.Option("~/.plateforme", envvar="PLATEFORME_STATE_DIR",
                                   help="Where state (SQLite store, dev key) lives."),
     engine: str = typer.Option("sim", help="sim (default) or vllm (the tiny CPU Mixtral)."),
+    model_path: Optional[str] = typer.Option(
+        None, help="With --engine vllm: weights for `small` (default: the tiny CPU Mixtral)."),
 ) -> None:
     """Start the whole platform on this machine: gateway on the embedded store, one local
     endpoint per model, a dev key printed. Ctrl-C stops everything it started."""
     from deploy.up import UpError, run_up
 
     try:
-        run_up(config=config, port=port, state_dir=state_dir, engine=engine)
+        run_up(config=config, port=port, state_dir=state_dir, engine=engine,
+               model_path=model_path)
     except UpError as exc:
         fail(str(exc))
 

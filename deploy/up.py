@@ -31,7 +31,8 @@ from deploy.local_launcher import LocalLauncher
 from deploy.specs import load_spec
 
 GATEWAY_START_TIMEOUT_SECONDS = 60.0
-ENDPOINT_START_TIMEOUT_SECONDS = 300.0  # vLLM on a CPU needs ~45 s; the simulator ~1 s
+ENDPOINT_START_TIMEOUT_SECONDS = 300.0  # vLLM on a CPU needs 45-150 s; the simulator ~1 s
+TINY_VLLM_CONTEXT_WINDOW = 4096  # when neither the spec nor the weights say
 TIERS = {"mistral-small": ("small", ["small", "open-mixtral-8x7b"]),
          "mistral-tiny": ("tiny", ["tiny", "open-mistral-7b"])}
 
@@ -40,15 +41,30 @@ class UpError(Exception):
     """`plateforme up` could not start; the message says what to do."""
 
 
-def default_config(state_dir: Path, engine: str) -> dict[str, Any]:
+def vllm_context_window(model_path: str | None) -> int:
+    """The context length vLLM serves `small` with here: the spec's, capped at the weights'
+    (4,096 positions for the tiny CPU Mixtral), so the gateway refuses what vLLM would."""
+    from deploy.vllm_local import VllmLocalError, max_model_len, tiny_model_path
+
+    try:
+        weights = model_path or str(tiny_model_path())
+    except VllmLocalError as exc:
+        raise UpError(str(exc)) from exc
+    return max_model_len(load_spec("small").envs, weights) or TINY_VLLM_CONTEXT_WINDOW
+
+
+def default_config(state_dir: Path, engine: str, model_path: str | None = None
+                   ) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for name, (tier, aliases) in TIERS.items():
         model: dict[str, Any] = {"aliases": aliases,
                                  "upstream_model": load_spec(tier).model_id,
                                  "context_window": 32768, "default_max_tokens": 1024,
                                  "tokenizer": "mistral-v1" if tier == "small" else "mistral-v3"}
-        if engine == "vllm" and tier == "small":  # the tiny CPU Mixtral: short context
-            model.update(context_window=2048, default_max_tokens=128)
+        if engine == "vllm" and tier == "small":
+            window = vllm_context_window(model_path)
+            model.update(context_window=window,  # the tiny CPU Mixtral decodes slowly: short
+                         default_max_tokens=128 if model_path is None else min(1024, window))
         models[name] = model
     return {
         "store": f"sqlite:///{state_dir / 'state.db'}",
@@ -128,14 +144,18 @@ def examples(base_url: str, key: str) -> str:
     )
 
 
-def run_up(*, config: str | None, port: int, state_dir: str, engine: str) -> None:
+def run_up(*, config: str | None, port: int, state_dir: str, engine: str,
+           model_path: str | None = None) -> None:
     if engine not in ("sim", "vllm"):
         raise UpError(f"--engine must be sim or vllm, not {engine!r}")
+    if model_path is not None and engine != "vllm":
+        raise UpError("--model-path needs --engine vllm")
     state = Path(state_dir).expanduser().resolve()
     state.mkdir(parents=True, exist_ok=True)
     config_path = Path(config) if config else state / f"config.{engine}.yaml"
     if not config and not config_path.exists():
-        config_path.write_text(yaml.safe_dump(default_config(state, engine), sort_keys=False))
+        config_path.write_text(yaml.safe_dump(default_config(state, engine, model_path),
+                                              sort_keys=False))
     catalog = yaml.safe_load(config_path.read_text()) or {}
     admin_token = _secret_file(state / "admin_token", lambda: secrets.token_urlsafe(32))
     base_url = f"http://127.0.0.1:{port}"
@@ -156,9 +176,10 @@ def run_up(*, config: str | None, port: int, state_dir: str, engine: str) -> Non
             tier = TIERS.get(model, (None, []))[0]
             if tier is None:
                 continue  # a model of the operator's own: its replicas come from the config
+            on_vllm = engine == "vllm" and tier == "small"
             launcher = LocalLauncher(state_dir=state / "endpoints",
-                                     engine="vllm" if engine == "vllm" and tier == "small"
-                                     else "sim")
+                                     engine="vllm" if on_vllm else "sim",
+                                     model_path=model_path if on_vllm else None)
             print(f"starting the {tier} endpoint ({launcher.engine}) ...", flush=True)
             endpoint = launcher.up(tier, load_spec(tier), UpOptions(
                 wait_timeout_seconds=ENDPOINT_START_TIMEOUT_SECONDS, poll_interval_seconds=0.5))

@@ -218,6 +218,12 @@ def _spec_extra_args(raw: str) -> list[str]:
     return kept
 
 
+def max_model_len(spec_envs: Mapping[str, str], model_path: str | None = None) -> int | None:
+    """The context length `build_command` gives vLLM: what the gateway's ``context_window``
+    for the model should say (None when neither the spec nor the weights set one)."""
+    return _max_model_len(spec_envs.get("MAX_MODEL_LEN"), model_path)
+
+
 def _max_model_len(spec_value: str | None, model_path: str | None) -> int | None:
     """The spec's context length, capped at the local model's ``max_position_embeddings``.
 
