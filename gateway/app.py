@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import Authenticator
 from gateway.catalog import ModelCatalog
@@ -128,7 +129,9 @@ def create_app(settings: Settings, catalog: Catalog, *,
         store = store_factory(store_url(catalog, settings))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            # Our own User-Agent rather than `skip_auto_headers`: skipping costs a sorted
+            # CIMultiDict build and a header copy on every request (~5% of a request's CPU).
+            auto_decompress=False, headers={"User-Agent": "plateforme-gateway"})
         pool = ReplicaPool({n: m.replicas for n, m in catalog.models.items()}, catalog.routing)
         limiter = Limiter(store, catalog.limits, metrics)
         background = Background()
@@ -184,8 +187,30 @@ def create_app(settings: Settings, catalog: Catalog, *,
         app.include_router(admin.router)
     else:
         log.warning("PLATEFORME_ADMIN_TOKEN is not set: the admin API is disabled")
+    # The chat route stays registered (OpenAPI) but is served straight from the middleware:
+    # the framework's router and dependency layers cost ~10% of a request's CPU.
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=server.max_body_bytes,
-                       body_timeout=server.body_timeout_seconds)
+                       body_timeout=server.body_timeout_seconds,
+                       direct={("POST", "/v1/chat/completions"):
+                               direct_endpoint(chat.chat_completions)})
+    return app
+
+
+def direct_endpoint(endpoint: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
+    """An ASGI app for a `Request -> Response` endpoint with the app's error rendering:
+    a `GatewayError` leaves in the OpenAI envelope, anything else as a logged 500."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except GatewayError as exc:
+            response = error_response(exc)
+        except Exception as exc:
+            log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+            response = error_response(
+                GatewayError("The gateway hit an internal error.", code="internal_error"))
+        await response(scope, receive, send)
+
     return app
 
 
