@@ -115,8 +115,9 @@ class RequestContext:
 
         app = self.direct.get((scope["method"], scope["path"]), self.app)
         try:
-            await app(scope, bounded_receive if scope["method"] in ("POST", "PATCH", "PUT")
-                      else receive, send_with_id)
+            # Every method that may carry a body (DELETE can: replica deregistration).
+            await app(scope, receive if scope["method"] in ("GET", "HEAD", "OPTIONS")
+                      else bounded_receive, send_with_id)
         finally:
             self._finish(scope, info, status_holder[0], started)
 

@@ -308,3 +308,20 @@ def test_admin_token_and_api_keys_never_cross(gateway: Gateway, key: str,
     with gateway.admin() as admin:
         assert "mallory" not in str(admin.list_keys())
     assert key not in gateway.logs() and ADMIN_TOKEN not in gateway.logs()
+
+
+def test_a_slow_body_on_delete_is_bounded_too(gateway: Gateway) -> None:
+    """DELETE /admin/v1/models/{name}/replicas reads an optional JSON body: the body bounds
+    cover every method that may carry one, not only POST and PATCH."""
+    head = (f"DELETE /admin/v1/models/small/replicas HTTP/1.1\r\nhost: x\r\n"
+            f"authorization: Bearer {ADMIN_TOKEN}\r\ncontent-type: application/json\r\n"
+            "content-length: 100\r\n\r\n").encode()
+    started = time.monotonic()
+    status, _, body = raw(gateway, head + b'{"url"')
+    assert status == 408, body
+    assert time.monotonic() - started < 5
+    chunk = b"x" * 16384
+    status, _, body = raw(gateway, head.replace(b"content-length: 100",
+                                                b"transfer-encoding: chunked"),
+                          chunks=[b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 6 + [b"0\r\n\r\n"])
+    assert status == 413, body

@@ -48,7 +48,7 @@ ROUTES = [
 # Routes with a JSON body: the ones negative (schema-violating) cases can target; free-text
 # path and query parameters have no invalid value (positive cases already send any string).
 INPUTS_TO_BREAK = {(method, path) for method, path in ROUTES if method in ("POST", "PATCH")}
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(max(600, EXAMPLES))
 
 
 class Target:
