@@ -62,9 +62,11 @@ class Streamed:
 
 
 def stream(gateway: Gateway, key: str, *, on_event: Any = None, max_tokens: int = 64,
-           include_usage: bool = False, timeout: float = 30) -> Streamed:
-    """One streamed chat; every `data:` line parsed; `on_event(n)` after the n-th event."""
-    out = Streamed()
+           include_usage: bool = False, timeout: float = 30,
+           out: Streamed | None = None) -> Streamed:
+    """One streamed chat; every `data:` line parsed into `out`; `on_event(n)` after the n-th
+    event."""
+    out = out if out is not None else Streamed()
     body: dict[str, Any] = {"model": "small", "messages": USER, "stream": True,
                             "max_tokens": max_tokens}
     if include_usage:
@@ -214,6 +216,40 @@ def test_sigterm_drains_in_flight_streams_and_loses_no_usage(
         sum(got.usage["completion_tokens"] for got in results if got.usage)
     assert totals["prompt_tokens"] == sum(u["prompt_tokens"] for u in done_before) + \
         sum(got.usage["prompt_tokens"] for got in results if got.usage)
+
+
+def test_streams_past_the_drain_timeout_are_cut_but_still_settled(
+        sims: SimFactory, gateways: GatewayFactory, sqlite_url: str) -> None:
+    sim = sims("mistralai/Mixtral-8x7B-Instruct-v0.1", "--itl", "0.2", "--reply-tokens", "60")
+    config = basic_config([sim.url], sqlite_url, server={"drain_timeout_seconds": 2})
+    gateway = gateways(config)
+    key = gateway.create_key()["key"]
+    results: list[Streamed] = []
+    started = threading.Barrier(4)
+
+    def client() -> None:
+        got = Streamed()
+        results.append(got)
+        try:
+            stream(gateway, key, max_tokens=60, out=got,
+                   on_event=lambda n: n == 3 and started.wait(10))
+        except httpx.HTTPError:  # the connection closed at the drain deadline
+            pass
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    started.wait(20)
+    signalled = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    gateway.proc.wait(15)
+    assert time.monotonic() - signalled < 8  # ~12 s streams did not hold the exit
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 3 and not any(got.done for got in results)
+    totals = ledger(gateways(config), key, requests=3)
+    assert totals["requests"] == 3  # settled during shutdown, not lost with the process
+    assert totals["completion_tokens"] >= sum(got.content_events for got in results) >= 6
 
 
 # -- Redis restarts under load ------------------------------------------------------------

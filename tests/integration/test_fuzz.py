@@ -6,7 +6,7 @@ each case is sent with the right credential for its route. The properties: no 5x
 error is OpenAI's envelope `{"error": {"message", "type", "code", "param"}}`; every response
 carries `x-request-id`.
 
-CI runs `PLATEFORME_FUZZ_EXAMPLES` (default 50) cases per route and generation mode; the long
+CI runs `PLATEFORME_FUZZ_EXAMPLES` (default 40) cases per route and generation mode; the long
 form is e.g. `PLATEFORME_FUZZ_EXAMPLES=2000 .venv/bin/pytest tests/integration/test_fuzz.py`
 (`make fuzz`). Hypothesis runs derandomized, so a CI failure reproduces.
 """
@@ -34,7 +34,7 @@ from tests.fixtures.procs import (
     basic_config,
 )
 
-EXAMPLES = int(os.environ.get("PLATEFORME_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("PLATEFORME_FUZZ_EXAMPLES", "40"))
 REGISTRY_MODEL = "registry-target"  # replicas fuzzed here never serve the chat key's model
 ROUTES = [
     ("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("POST", "/v1/moderations"),
