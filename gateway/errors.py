@@ -8,6 +8,7 @@
     ├── NotFound              404 not_found_error
     ├── RequestTimeout        408 invalid_request_error (the body did not arrive in time)
     ├── PayloadTooLarge       413 invalid_request_error
+    ├── HeadersTooLarge       431 invalid_request_error (request headers over 64 KiB)
     ├── Unprocessable         422 invalid_request_error
     ├── RateLimited           429 rate_limit_error  (carries Retry-After and the limit kind)
     ├── UpstreamError         502 upstream_error    (replicas answered badly after retries)
@@ -93,6 +94,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
 
 
 class Unprocessable(GatewayError):

@@ -22,11 +22,20 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from gateway.metrics import Metrics, status_class
 
 access_log = logging.getLogger("plateforme.access")
 
+# uvicorn's httptools parser has no bound of its own on a request head; this one refuses
+# oversized heads before any handler runs (a front proxy should bound their arrival time).
+MAX_HEADER_BYTES = 64 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ROUTES = {"/v1/chat/completions": "chat", "/v1/models": "models", "/v1/moderations":
            "moderations", "/health": "health", "/ready": "ready", "/metrics": "metrics"}
@@ -58,7 +67,9 @@ class RequestContext:
         started = time.perf_counter()
         request_id = None
         length = None
+        header_bytes = 0
         for name, value in scope["headers"]:
+            header_bytes += len(name) + len(value)
             if name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 request_id = candidate if _REQUEST_ID.match(candidate) else None
@@ -76,6 +87,11 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
 
+        if header_bytes > MAX_HEADER_BYTES:
+            await _send_error(send_with_id, HeadersTooLarge(
+                f"Request headers over the limit of {MAX_HEADER_BYTES} bytes."))
+            self._finish(scope, info, status_holder[0], started)
+            return
         if length is not None:
             try:
                 declared = int(length)
