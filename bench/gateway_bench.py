@@ -436,22 +436,25 @@ def main() -> None:
         wait_ready(f"{up.json_url}/health", up.procs[0], tmp / "nginx.out")
         wait_ready(f"{up.sse_url}/health", up.procs[-1], tmp / "nginx.out")
         with redis_store(tmp) as store:
-            config = gateway_config(up, store)
-            gw, gw2 = start_gateways(tmp, config, [(gw_cpu, 1), ("0,1" if two else "0", 2)])
-            procs += [gw.proc, gw2.proc]
-            mini = start_minimal_proxy(tmp, up, gw_cpu)
-            procs.append(mini.proc)
-            if args.profile or args.only_profile:
-                for name, model, stream in (("json", "bench-json", False),
-                                            ("sse", "bench-sse", True)):
-                    out = profile.record(tmp, gw.proc.pid, gw.url, chat_body(model, stream),
-                                         gw.key, 2 if args.smoke else 10, load_cpu, name)
-                    print(f"## profile: gateway, {name} requests\n{profile.breakdown(out)}\n")
-            if args.only_profile:
-                return
-            measured = measure(plan, gw, gw2, mini, up, tmp, load_cpu)
-            for proc in reversed(procs):
-                stop(proc)
+            try:
+                config = gateway_config(up, store)
+                gw, gw2 = start_gateways(tmp, config, [(gw_cpu, 1), ("0,1" if two else "0", 2)])
+                procs += [gw.proc, gw2.proc]
+                mini = start_minimal_proxy(tmp, up, gw_cpu)
+                procs.append(mini.proc)
+                if args.profile or args.only_profile:
+                    for name, model, stream in (("json", "bench-json", False),
+                                                ("sse", "bench-sse", True)):
+                        out = profile.record(tmp, gw.proc.pid, gw.url, chat_body(model, stream),
+                                             gw.key, 2 if args.smoke else 10, load_cpu, name)
+                        print(f"## profile: gateway, {name} requests\n{profile.breakdown(out)}\n")
+                measured = None if args.only_profile else measure(plan, gw, gw2, mini, up, tmp,
+                                                                  load_cpu)
+            finally:  # before the prefix is cleaned: settlements drain into it
+                for proc in reversed(procs):
+                    stop(proc)
+        if measured is None:
+            return
         summary = summarize(measured, up.kind)
         access_lines = sum(1 for p in tmp.glob("gateway-*.log")
                            for line in p.read_text().splitlines() if '"plateforme.access"' in line)
