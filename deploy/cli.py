@@ -7,6 +7,7 @@ traceback. Heavy imports (uvicorn, SkyPilot) happen inside the commands that nee
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -116,8 +117,13 @@ def gateway_serve(
             app_or_path: Any = create_app(settings, catalog)
     except ConfigError as exc:
         fail(str(exc), 2)
+    from gateway.http_protocol import BoundedHeadProtocol
+
+    # httptools, with a deadline on request heads (uvicorn has none): body_timeout_seconds.
+    bounded_http = functools.partial(BoundedHeadProtocol,
+                                     head_timeout=catalog.server.body_timeout_seconds)
     options: dict[str, Any] = dict(
-        host=host, port=port, loop="uvloop", http="httptools", log_config=None,
+        host=host, port=port, loop="uvloop", http=bounded_http, log_config=None,
         access_log=False, timeout_graceful_shutdown=int(catalog.server.drain_timeout_seconds),
         server_header=False, date_header=False)
     if workers == 1:

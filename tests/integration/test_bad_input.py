@@ -325,3 +325,32 @@ def test_a_slow_body_on_delete_is_bounded_too(gateway: Gateway) -> None:
                                                 b"transfer-encoding: chunked"),
                           chunks=[b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 6 + [b"0\r\n\r\n"])
     assert status == 413, body
+
+
+def test_a_slow_request_head_is_cut_at_the_deadline(gateway: Gateway) -> None:
+    """uvicorn arms no timer while headers arrive; the gateway's protocol closes a connection
+    whose head is not complete within body_timeout_seconds (1 s here), first request or a
+    later one on a kept-alive connection."""
+    for prefix in (b"", b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(prefix + b"GET /health HTTP/1.1\r\nhost: x\r\n")
+            started = time.monotonic()
+            received = b""
+            while True:  # trickle header lines; the server must hang up on us
+                if select.select([sock], [], [], 0.3)[0]:
+                    try:
+                        part = sock.recv(65536)
+                    except OSError:
+                        break
+                    if not part:
+                        break
+                    received += part
+                    continue
+                try:
+                    sock.sendall(b"x-slow: 1\r\n")
+                except OSError:
+                    break
+                assert time.monotonic() - started < 6, "the slow head was never cut"
+            assert time.monotonic() - started < 4
+            assert received.count(b"HTTP/1.1 200") == (1 if prefix else 0)
+    assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
