@@ -1,9 +1,11 @@
 """Who is calling: bearer key → verified `Principal` with its effective plan and limits.
 
 Verified key records are cached in-process for speed; a background poll of the store's
-keys version (every `key_version_poll_seconds`, default 250 ms) drops the whole cache when
-any key changes anywhere, so a revocation reaches every gateway sharing the store within a
-second without a store round trip per request.
+keys version (every `key_version_poll_seconds`, default 250 ms) invalidates the whole cache
+when any key changes anywhere, so a revocation reaches every gateway sharing the store within a
+second without a store round trip per request. Invalidated (or expired) entries are re-read
+from the store, but kept: while the store is unreachable they still serve, so a key change just
+before an outage does not lock out every caller under the `fail_open_local` policy.
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class Authenticator:
         self._catalog = catalog
         self._ttl = server.key_cache_seconds
         self._poll = server.key_version_poll_seconds
-        self._cache: dict[str, tuple[float, KeyRecord]] = {}
+        # key id -> (cached at, cache generation, record)
+        self._cache: dict[str, tuple[float, int, KeyRecord]] = {}
+        self._generation = 0  # bumped when the store's keys version moves
         self._version: int | None = None
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -104,25 +108,27 @@ class Authenticator:
     async def _record(self, key_id: str) -> KeyRecord | None:
         cached = self._cache.get(key_id)
         now = time.monotonic()
-        if cached is not None and now - cached[0] < self._ttl:
-            return cached[1]
+        if cached is not None and cached[1] == self._generation and now - cached[0] < self._ttl:
+            return cached[2]
         try:
             record = await self._store.get_key(key_id)
         except StoreUnavailable:
             if cached is not None:  # keep serving a key verified before the outage
-                return cached[1]
+                return cached[2]
             raise
-        if record is not None and self._ttl > 0:
-            self._cache[key_id] = (now, record)
+        if record is None:
+            self._cache.pop(key_id, None)
+        elif self._ttl > 0:
+            self._cache[key_id] = (now, self._generation, record)
         return record
 
     async def watch_versions(self) -> None:
-        """Background task: drop the cache whenever the store's keys version moves."""
+        """Background task: invalidate the cache whenever the store's keys version moves."""
         while True:
             try:
                 version = await self._store.keys_version()
                 if version != self._version:
-                    self._cache.clear()
+                    self._generation += 1
                     self._version = version
             except StoreUnavailable:
                 pass  # the cache keeps serving; the TTL still bounds staleness
