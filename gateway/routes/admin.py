@@ -11,10 +11,9 @@ import dataclasses
 import hmac
 import re
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -23,13 +22,19 @@ from gateway.auth import bearer_token
 from gateway.config import _check_http_url
 from gateway.errors import AuthenticationFailed, BadRequest, NotFound
 from gateway.keys import generate_key, looks_like_key
-from gateway.routes.chat import parse_body, services
-from gateway.schemas import KeyCreate, KeyUpdate, ReplicaRegistration, openapi_body
+from gateway.routes.chat import services
+from gateway.schemas import (
+    KeyCreate,
+    KeyUpdate,
+    ReplicaRegistration,
+    openapi_body,
+    parse_body,
+    validate,
+)
 from gateway.store import KeyRecord
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-M = TypeVar("M", bound=BaseModel)
 
 
 def require_admin(request: Request) -> Services:
@@ -45,16 +50,6 @@ def require_admin(request: Request) -> Services:
 
 
 router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])
-
-
-def _parse(model: type[M], data: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"Invalid request: {loc or 'body'}: {first['msg']}.",
-                         param=loc or None) from None
 
 
 def _check_refs(svc: Services, plan: str | None, models: list[str] | None) -> None:
@@ -82,7 +77,7 @@ async def _key(svc: Services, key_id: str) -> KeyRecord:
 @router.post("/keys", status_code=201, openapi_extra=openapi_body(KeyCreate))
 async def create_key(request: Request) -> Response:
     svc = services(request)
-    body = _parse(KeyCreate, parse_body(await request.body()))
+    body = validate(KeyCreate, parse_body(await request.body()))
     _check_refs(svc, body.plan, body.models)
     now = time.time()
     expires_at = body.expires_at or (now + body.expires_in if body.expires_in else None)
@@ -111,7 +106,7 @@ async def show_key(request: Request, key_id: str) -> Response:
 async def update_key(request: Request, key_id: str) -> Response:
     svc = services(request)
     await _key(svc, key_id)
-    body = _parse(KeyUpdate, parse_body(await request.body()))
+    body = validate(KeyUpdate, parse_body(await request.body()))
     changes = body.model_dump(exclude_unset=True)
     _check_refs(svc, changes.get("plan"), changes.get("models"))
     if "models" in changes:
@@ -177,7 +172,7 @@ def _url(value: str) -> str:
 async def register_replica(request: Request, name: str) -> Response:
     svc = services(request)
     model = _model(svc, name)
-    body = _parse(ReplicaRegistration, parse_body(await request.body()))
+    body = validate(ReplicaRegistration, parse_body(await request.body()))
     url = _url(body.url)
     added = await svc.store.add_replica(model, url)
     await svc.health.refresh_registry()

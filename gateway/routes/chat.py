@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -25,7 +24,7 @@ from gateway.errors import BadRequest
 from gateway.limiter import Grant, rate_limit_headers
 from gateway.proxy import Call, Outcome
 from gateway.routes.moderations import screen_input
-from gateway.schemas import ChatRequest, openapi_body
+from gateway.schemas import ChatRequest, openapi_body, parse_body, validate
 
 router = APIRouter()
 MODERATION_HEADER = "x-plateforme-moderation"
@@ -36,27 +35,6 @@ CHAT_OPENAPI: dict[str, Any] = openapi_body(ChatRequest)
 def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
-
-
-def parse_body(raw: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc.msg}.",
-                         code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
-    return data
-
-
-def validate(data: dict[str, Any]) -> ChatRequest:
-    try:
-        return ChatRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"Invalid request: {loc or 'body'}: {first['msg']}.",
-                         param=loc or None) from None
 
 
 def upstream_body(data: dict[str, Any], req: ChatRequest, model: ResolvedModel,
@@ -82,7 +60,7 @@ async def chat_completions(request: Request) -> Response:
     started = time.perf_counter()
     principal = await svc.auth.authenticate(request.headers.get("authorization"))
     data = parse_body(await request.body())
-    req = validate(data)
+    req = validate(ChatRequest, data)
     model = svc.models.resolve(req.model, principal)
     runtime = svc.runtime[model.name]
     info = request.scope["state"]["log"]

@@ -22,7 +22,6 @@ import secrets
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -31,7 +30,7 @@ from gateway.auth import Principal
 from gateway.classifier import MAX_INPUTS, Classifier, Usage
 from gateway.errors import BadRequest, ModerationBlocked, NotFound, ServiceUnavailable
 from gateway.limiter import Grant, rate_limit_headers
-from gateway.schemas import ModerationRequest, openapi_body
+from gateway.schemas import ModerationRequest, openapi_body, parse_body, validate
 
 router = APIRouter()
 
@@ -51,21 +50,11 @@ def classifier_for(svc: Services) -> Classifier | None:
                       svc.metrics)
 
 
-def _request(raw: bytes) -> ModerationRequest:
-    try:
-        return ModerationRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"Invalid request: {loc or 'body'}: {first['msg']}.",
-                         param=loc or None) from None
-
-
 @router.post("/v1/moderations", openapi_extra=MODERATIONS_OPENAPI)
 async def moderations(request: Request) -> Response:
     svc: Services = request.app.state.services
     principal = await svc.auth.authenticate(request.headers.get("authorization"))
-    req = _request(await request.body())
+    req = validate(ModerationRequest, parse_body(await request.body()))
     classifier = classifier_for(svc)
     if classifier is None:
         raise NotFound("Moderation is not configured on this gateway "

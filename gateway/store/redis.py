@@ -28,12 +28,19 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
-    MUTABLE_KEY_FIELDS, Admission, Decision, KeyRecord, LimitKind, Replica, Settlement, UsageRow,
+    MUTABLE_KEY_FIELDS,
+    Admission,
+    Decision,
+    KeyRecord,
+    LimitKind,
+    Replica,
+    Settlement,
+    UsageRow,
 )
 from gateway.store.memory import utc_day, utc_month
 from gateway.store.redis_batch import ScriptBatcher

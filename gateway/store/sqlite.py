@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
-    MUTABLE_KEY_FIELDS, WINDOW_SECONDS, Admission, Decision, KeyRecord, Replica, Settlement,
+    MUTABLE_KEY_FIELDS,
+    WINDOW_SECONDS,
+    Admission,
+    Decision,
+    KeyRecord,
+    Replica,
+    Settlement,
     UsageRow,
 )
 from gateway.store.memory import decide, utc_day, utc_month
