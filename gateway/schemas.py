@@ -97,11 +97,11 @@ class ModerationRequest(BaseModel):
     model: str | None = Field(None, max_length=256)
 
 
-class KeyCreate(BaseModel):
+class _KeySettings(BaseModel):
+    """What an operator may set on a key, at creation or later; `None`: the plan's value."""
+
     model_config = ConfigDict(extra="forbid")
 
-    owner: str = Field(min_length=1, max_length=256)
-    plan: str = Field(min_length=1, max_length=128)
     name: str | None = Field(None, max_length=256)
     rpm: int | None = Field(None, ge=0)
     tpm: int | None = Field(None, ge=0)
@@ -111,23 +111,17 @@ class KeyCreate(BaseModel):
     moderation: Literal["optional", "always", "never"] | None = None
     input_moderation: bool | None = None
     expires_at: float | None = Field(None, gt=0)  # Unix seconds
+
+
+class KeyCreate(_KeySettings):
+    owner: str = Field(min_length=1, max_length=256)
+    plan: str = Field(min_length=1, max_length=128)
     expires_in: float | None = Field(None, gt=0)  # seconds from now; or expires_at
 
 
-class KeyUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeyUpdate(_KeySettings):
     owner: str | None = Field(None, min_length=1, max_length=256)
     plan: str | None = Field(None, min_length=1, max_length=128)
-    name: str | None = Field(None, max_length=256)
-    rpm: int | None = Field(None, ge=0)
-    tpm: int | None = Field(None, ge=0)
-    max_concurrent: int | None = Field(None, ge=0)
-    monthly_tokens: int | None = Field(None, ge=0)
-    models: list[str] | None = None
-    moderation: Literal["optional", "always", "never"] | None = None
-    input_moderation: bool | None = None
-    expires_at: float | None = Field(None, gt=0)
 
 
 class ReplicaRegistration(BaseModel):

@@ -69,6 +69,25 @@ MUTABLE_KEY_FIELDS = frozenset({
 })
 
 
+def check_mutable(changes: dict[str, Any]) -> None:
+    """Only MUTABLE_KEY_FIELDS may change on an existing key."""
+    unknown = set(changes) - MUTABLE_KEY_FIELDS
+    if unknown:
+        raise ValueError(f"cannot change key field(s): {', '.join(sorted(unknown))}")
+
+
+def updated_record(old: KeyRecord, changes: dict[str, Any]) -> KeyRecord:
+    """`old` with `changes` applied (already checked by `check_mutable`)."""
+    return KeyRecord.from_dict({**old.to_dict(), **changes})
+
+
+def revoked_record(old: KeyRecord, now: float) -> KeyRecord | None:
+    """`old` revoked at `now`, or None when it already was (the first time is kept)."""
+    if old.revoked_at is not None:
+        return None
+    return KeyRecord.from_dict({**old.to_dict(), "revoked_at": now})
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Effective limits of one key (plan + overrides). `None`: unlimited."""

@@ -33,7 +33,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
-    MUTABLE_KEY_FIELDS,
     Admission,
     Decision,
     KeyRecord,
@@ -41,6 +40,9 @@ from gateway.store.base import (
     Replica,
     Settlement,
     UsageRow,
+    check_mutable,
+    revoked_record,
+    updated_record,
 )
 from gateway.store.memory import utc_day, utc_month
 from gateway.store.redis_batch import ScriptBatcher
@@ -164,17 +166,12 @@ class RedisStore:
                     continue  # another writer changed a key in between: read again
 
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
-        unknown = set(changes) - MUTABLE_KEY_FIELDS
-        if unknown:
-            raise ValueError(f"cannot change key field(s): {', '.join(sorted(unknown))}")
-        return await self._rewrite(
-            key_id, lambda old: KeyRecord.from_dict({**old.to_dict(), **changes}))
+        check_mutable(changes)
+        return await self._rewrite(key_id, lambda old: updated_record(old, changes))
 
     async def revoke_key(self, key_id: str) -> KeyRecord | None:
         now = time.time()
-        return await self._rewrite(
-            key_id, lambda old: KeyRecord.from_dict({**old.to_dict(), "revoked_at": now})
-            if old.revoked_at is None else None)
+        return await self._rewrite(key_id, lambda old: revoked_record(old, now))
 
     async def keys_version(self) -> int:
         async with _guard("keys_version"):

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 from gateway.errors import StoreUnavailable
 from gateway.store.base import (
-    MUTABLE_KEY_FIELDS,
     WINDOW_SECONDS,
     Admission,
     Decision,
@@ -31,6 +30,9 @@ from gateway.store.base import (
     Replica,
     Settlement,
     UsageRow,
+    check_mutable,
+    revoked_record,
+    updated_record,
 )
 from gateway.store.memory import decide, utc_day, utc_month
 
@@ -220,17 +222,12 @@ class SQLiteStore:
         return await self._run(op)
 
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
-        unknown = set(changes) - MUTABLE_KEY_FIELDS
-        if unknown:
-            raise ValueError(f"cannot change key field(s): {', '.join(sorted(unknown))}")
-        return await self._rewrite(
-            key_id, lambda old: KeyRecord.from_dict({**old.to_dict(), **changes}))
+        check_mutable(changes)
+        return await self._rewrite(key_id, lambda old: updated_record(old, changes))
 
     async def revoke_key(self, key_id: str) -> KeyRecord | None:
         now = time.time()
-        return await self._rewrite(
-            key_id, lambda old: KeyRecord.from_dict({**old.to_dict(), "revoked_at": now})
-            if old.revoked_at is None else None)
+        return await self._rewrite(key_id, lambda old: revoked_record(old, now))
 
     async def keys_version(self) -> int:
         row = await self._run(lambda c: c.execute(
